@@ -1,0 +1,1 @@
+"""Built-in synthetic data with known ground truth: chest phantoms and karyotypes."""

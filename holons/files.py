@@ -1,0 +1,55 @@
+"""Small filesystem helpers shared by every layer: atomic writes and the shared-data location."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+DATA_ENV = "HOLONS_DATA"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; rename it over ``path`` only if the block succeeds.
+
+    A killed process therefore never leaves a half-written file that is later read as valid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_path(path: str | os.PathLike) -> Path:
+    """A temporary sibling path for writers that need a file name (e.g. pyarrow); pair with os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def shared_data_root() -> Path | None:
+    """The folder of real development data: ``$HOLONS_DATA``, else ``../shared/data`` if it exists."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        p = Path(env).expanduser()
+        return p if p.is_dir() else None
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        p = (base / ".." / "shared" / "data").resolve()
+        if p.is_dir():
+            return p
+    return None

@@ -1,0 +1,1 @@
+"""holons.finetune"""

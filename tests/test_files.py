@@ -1,0 +1,21 @@
+"""Atomic writes leave either the old file or the complete new one."""
+
+from __future__ import annotations
+
+import pytest
+
+from holons.files import atomic_write
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
