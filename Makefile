@@ -17,7 +17,7 @@ demo: $(BIN)/holons
 	$(BIN)/holons demo --out $(DEMO_OUT)
 
 test: $(BIN)/holons
-	$(BIN)/ruff check holons tests benchmarks
+	$(BIN)/ruff check holons tests benchmarks docs
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/holons

@@ -56,6 +56,11 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
                    help="DICOM VOI policy used when decoding")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--split-fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
+                   metavar=("TRAIN", "VAL", "TEST"), help="patient-level split shares (default: 0.8 0.1 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--archive-root", type=Path, default=None,
+                   help="archive folder when it moved since indexing (default: the one in the manifest)")
     p.set_defaults(func=_cmd_cache)
 
 
@@ -65,6 +70,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     summary = build_cache(
         args.manifest, args.out, size=args.size, dtype=args.dtype, voi=args.voi,
         shard_size=args.shard_size, workers=args.workers, progress=None,
+        split_fractions=tuple(args.split_fractions), split_seed=args.split_seed,
+        archive_root=args.archive_root,
     )
     print(format_cache_summary(summary))
     return 0
@@ -126,7 +133,7 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0) -> list[tuple[str, list[s
         ("synthesize karyotypes",
          ["synth", "karyotypes", "--out", str(out / "karyotypes"), "--cases", "20", "--seed", str(seed)]),
         ("index the phantom archive",
-         ["index", str(out / "phantoms"), "--out", str(out / "manifest.parquet"),
+         ["index", str(out / "phantoms" / "dicom"), "--out", str(out / "manifest.parquet"),
           "--secret-file", str(out / "site_secret.txt")]),
         ("decode once into the cache",
          ["cache", str(out / "manifest.parquet"), "--out", str(out / "cache"), "--size", "128"]),
@@ -155,12 +162,221 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- pretrain
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pretraining of a foundation backbone "
+                       "(multi-GPU: torchrun --nproc_per_node N -m holons pretrain ...)")
+    p.add_argument("--config", type=Path, required=True,
+                   help="YAML config, e.g. configs/pretrain/cpu_tiny.yaml")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run dir (refused when not empty, unless resume=true or overwrite=true)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. resume=true data.cache_dir=cache optim.lr=1e-3")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from holons.ssl.trainer import pretrain
+
+    result = pretrain(args.config, args.out, args.overrides)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
+    if result.status == "terminated":
+        print(f"stopped by SIGTERM at step {result.step}/{result.total_steps}; checkpoint written; "
+              f"continue with: holons pretrain --config {args.config} --out {args.out} resume=true",
+              file=sys.stderr)
+    elif result.status == "stopped":
+        print(f"stopped at max_steps: step {result.step}/{result.total_steps}; run dir {args.out}")
+    else:
+        print(f"pretraining finished: {result.step} steps, {result.nan_steps} skipped (non-finite loss); "
+              f"run dir {args.out}, teacher exported to {args.out / 'exported'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's backbone as timm-loadable "
+                       "model.safetensors + config.json")
+    p.add_argument("run", type=Path, help="run dir written by `holons pretrain` (or a checkpoint file)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/exported)")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="which backbone to export (default: the EMA teacher)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from holons.ssl.export import export
+
+    run, checkpoint = (args.run.parent.parent, args.run) if args.run.is_file() else (args.run, None)
+    out = export(run, args.out, which=args.which, checkpoint=checkpoint)
+    print(f"exported the {args.which} backbone to {out} (load with timm.create_model('local-dir:{out}', "
+          "pretrained=True))")
+    return 0
+
+
+# --------------------------------------------------------------------------- karyotype
+def _add_karyotype(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("karyotype", help="chromosome karyotyping: train, predict per case, karyogram")
+    ks = p.add_subparsers(dest="action", required=True)
+    t = ks.add_parser("train", help="train the Varifocal G-Net / L-Net and evaluate it on the test split")
+    t.add_argument("--config", type=Path, default=None, help="YAML config (configs/finetune/karyotype_*.yaml)")
+    t.add_argument("--data", type=Path, required=True, help="manifest CSV (pki-3, karyonet or synthetic layout)")
+    t.add_argument("--out", type=Path, required=True, help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    t.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    t.set_defaults(func=_cmd_karyotype_train)
+    r = ks.add_parser("predict", help="predict types and polarity, dispatch per case")
+    r.add_argument("--model", type=Path, required=True, help="model folder (or the training run folder)")
+    r.add_argument("--data", type=Path, required=True, help="manifest CSV or folder of images (one folder per case)")
+    r.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and cases/*.json")
+    r.add_argument("--dispatch", choices=["none", "greedy", "optimal"], default="optimal")
+    r.add_argument("--batch-size", type=int, default=256)
+    r.set_defaults(func=_cmd_karyotype_predict)
+    g = ks.add_parser("karyogram", help="draw one case's karyogram from predictions")
+    g.add_argument("--predictions", type=Path, required=True, help="folder written by `karyotype predict`")
+    g.add_argument("--case", required=True, help="case id")
+    g.add_argument("--out", type=Path, required=True, help="PNG file")
+    g.set_defaults(func=_cmd_karyotype_karyogram)
+
+
+def _cmd_karyotype_train(args: argparse.Namespace) -> int:
+    import json
+
+    from holons.config import load_config
+    from holons.finetune.karyotype.config import KaryotypeConfig
+    from holons.finetune.karyotype.train import train_karyotype
+
+    cfg = load_config(KaryotypeConfig, args.config, args.overrides)
+    summary = train_karyotype(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in summary.items() if k != "confusion"}, indent=2))
+    return 0
+
+
+def _cmd_karyotype_predict(args: argparse.Namespace) -> int:
+    from holons.finetune.karyotype.predict import predict_karyotypes
+
+    summary = predict_karyotypes(args.model, args.data, args.out, dispatch=args.dispatch,
+                                 batch_size=args.batch_size)
+    print(f"predicted {summary['chromosomes']} chromosomes in {summary['cases']} cases "
+          f"({summary['skipped']} unreadable, {summary['cases_with_warnings']} cases with warnings); "
+          f"wrote {args.out / 'predictions.csv'}")
+    return 0
+
+
+def _cmd_karyotype_karyogram(args: argparse.Namespace) -> int:
+    from holons.finetune.karyotype.karyogram import karyogram_from_predictions
+
+    karyogram_from_predictions(args.predictions, args.case, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluation protocols: correspondence, few-shot segmentation, "
+                       "classification")
+    ss = p.add_subparsers(dest="protocol", required=True)
+
+    def common(q: argparse.ArgumentParser, data_help: str) -> None:
+        q.add_argument("--weights", required=True,
+                       help="exported foundation folder (model.safetensors + config.json), or 'random'")
+        q.add_argument("--arch", default=None, help="timm architecture (required with --weights random)")
+        q.add_argument("--data", type=Path, required=True, help=data_help)
+        q.add_argument("--out", type=Path, required=True, help="output folder (results.json + CSV)")
+        q.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+
+    annotated = "annotated set in the JSRT/SCR layout (JSRT jsrt_scr or `holons synth radiographs` output)"
+    c = ss.add_parser("correspondence", help="zero-shot landmark matching with dense features; part-whole "
+                      "consistency")
+    common(c, annotated)
+    c.add_argument("--size", type=int, default=256, help="evaluation frame side in pixels")
+    c.add_argument("--pairs", type=int, default=20, help="number of (source, target) image pairs")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--split", default="auto", help="images to pair: a split name, or auto (test, else val)")
+    c.add_argument("--radii", type=float, nargs="+", default=[10.0, 20.0, 40.0],
+                   help="PCK radii in pixels of the images' own frame (1024 for JSRT)")
+    c.add_argument("--random-wholes", type=int, default=0,
+                   help="part-whole consistency also on this many random half-side wholes per image")
+    c.add_argument("--no-part-whole", action="store_true", help="skip part-whole consistency")
+    c.set_defaults(func=_cmd_evaluate_correspondence)
+
+    f = ss.add_parser("fewshot-seg", help="few-shot segmentation (Dice per structure) with a U-Net decoder")
+    common(f, annotated)
+    f.add_argument("--shots", type=int, nargs="+", default=[3, 6, 12, 24], help="labelled images per run")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    f.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=["frozen", "finetune"])
+    f.add_argument("--size", type=int, default=128, help="image side in pixels")
+    f.add_argument("--steps", type=int, default=100, help="training steps per run")
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many images")
+    f.set_defaults(func=_cmd_evaluate_fewshot)
+
+    k = ss.add_parser("classify", help="kNN, linear probe and fine-tuning at label fractions (AUC with CIs)")
+    common(k, "phantom set (cardiomegaly, nodule) or a metadata.csv set with finding (e.g. covid_chestxray)")
+    k.add_argument("--protocols", nargs="+", choices=["knn", "linear", "finetune"],
+                   default=["knn", "linear", "finetune"])
+    k.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions")
+    k.add_argument("--seeds", type=int, nargs="+", default=[0])
+    k.add_argument("--size", type=int, default=128, help="image side in pixels")
+    k.add_argument("--steps", type=int, default=100, help="fine-tuning steps per run")
+    k.add_argument("--k", type=int, default=20, help="neighbours of the kNN classifier")
+    k.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    k.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for AUC intervals")
+    k.add_argument("--test-fraction", type=float, default=0.3,
+                   help="share of patients held out where the set has no split column")
+    k.set_defaults(func=_cmd_evaluate_classify)
+
+
+def _cmd_evaluate_correspondence(args: argparse.Namespace) -> int:
+    from holons.eval.correspondence import format_correspondence, run_correspondence
+
+    summary = run_correspondence(
+        args.weights, args.data, args.out, arch=args.arch, size=args.size, pairs=args.pairs, seed=args.seed,
+        split=None if args.split == "all" else args.split, radii=tuple(args.radii),
+        part_whole=not args.no_part_whole, random_wholes=args.random_wholes, device=args.device,
+    )
+    print(format_correspondence(summary))
+    print(f"{summary['pairs']} pairs in {summary['elapsed_s']:.0f} s; results in {args.out / 'results.json'}")
+    return 0
+
+
+def _cmd_evaluate_fewshot(args: argparse.Namespace) -> int:
+    from holons.eval.fewshot_seg import format_fewshot, run_fewshot_segmentation
+
+    summary = run_fewshot_segmentation(
+        args.weights, args.data, args.out, arch=args.arch, shots=tuple(args.shots), seeds=tuple(args.seeds),
+        modes=tuple(args.modes), size=args.size, steps=args.steps, batch_size=args.batch_size,
+        max_eval=args.max_eval, device=args.device,
+    )
+    print(format_fewshot(summary))
+    print(f"Dice on {summary['eval_images']} {summary['eval_split']} images in {summary['elapsed_s']:.0f} s; "
+          f"results in {args.out / 'results.json'}")
+    return 0
+
+
+def _cmd_evaluate_classify(args: argparse.Namespace) -> int:
+    from holons.eval.classify import format_classification, run_classification
+
+    summary = run_classification(
+        args.weights, args.data, args.out, arch=args.arch, test_fraction=args.test_fraction,
+        protocols=tuple(args.protocols), fractions=tuple(args.fractions), seeds=tuple(args.seeds),
+        size=args.size, steps=args.steps, k=args.k, temperature=args.temperature, n_boot=args.n_boot,
+        device=args.device,
+    )
+    print(format_classification(summary))
+    print(f"{summary['n_train']} train / {summary['n_test']} test images in {summary['elapsed_s']:.0f} s; "
+          f"results in {args.out / 'results.json'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holons", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_index, _add_cache, _add_synth, _add_demo):
+    for add in (_add_index, _add_cache, _add_synth, _add_demo, _add_pretrain, _add_export, _add_karyotype,
+                _add_evaluate):
         add(sub)
     return parser
 
