@@ -1,0 +1,130 @@
+"""Training checkpoints: tensors and primitives only, written atomically, read with ``weights_only=True``.
+
+A checkpoint is one ``torch.save`` of a nested dict whose leaves are tensors, numbers, strings,
+booleans or None — no pickled classes — so ``torch.load(path, weights_only=True)`` reads it and
+a checkpoint from an untrusted source cannot run code. RNG states are stored as tensors or
+plain lists so that a resumed CPU run continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from holons.errors import HolonsError
+from holons.files import atomic_write
+
+CHECKPOINT_FORMAT = 1
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every checkpoint and export (for provenance, not checked)."""
+    import timm
+
+    from holons import __version__
+
+    return {"holons": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
+            "numpy": str(np.__version__), "python": platform.python_version()}
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global RNG states (torch CPU/CUDA, numpy, python) as tensors and primitives."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "internal": list(py_state[1]),
+                   "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path, step: int, keep_last: int = 3,
+                    keep_steps: set[int] | None = None) -> Path:
+    """Write ``state`` atomically as ``step_XXXXXXXX.pt`` and prune old periodic checkpoints.
+
+    ``keep_steps`` (e.g. the stage / level boundaries) are never pruned; of the others the
+    ``keep_last`` newest stay (0 keeps all).
+    """
+    path = checkpoint_path(ckpt_dir, step)
+    payload = dict(state)
+    payload.setdefault("format", CHECKPOINT_FORMAT)
+    payload.setdefault("versions", versions())
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
+    if keep_last > 0:
+        keep = keep_steps or set()
+        periodic = [s for s, _ in list_checkpoints(ckpt_dir) if s not in keep]
+        for s in periodic[:-keep_last]:
+            checkpoint_path(ckpt_dir, s).unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint in ``ckpt_dir``, oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read one checkpoint with ``weights_only=True``; a damaged or foreign file is a HolonsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise HolonsError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise HolonsError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise HolonsError(f"{path} is not a holons training checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest checkpoint in ``ckpt_dir`` (writes are atomic, so it is complete), or None."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the newest valid one in a run dir / checkpoints dir."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for d in (p / "checkpoints", p):
+        if d.is_dir():
+            found = latest_checkpoint(d)
+            if found is not None:
+                return found
+    raise HolonsError(f"no usable checkpoint found at {p}")

@@ -1,0 +1,210 @@
+"""Typed configuration of a pretraining run (``holons pretrain --config FILE.yaml key.sub=value``).
+
+Defaults follow DESIGN.md (the paper's values); the YAML files under ``configs/pretrain/``
+override what a given scale needs. Unknown keys and wrong types are ConfigErrors naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from holons.anatomy import ViewConfig
+from holons.errors import ConfigError
+
+StageMode = Literal["localizability", "part_whole"]
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and heads. ``out_dim`` is K, the number of localizability prototypes."""
+
+    backbone: str = "convnext_base"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    out_dim: int = 65536
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_layers: int = 3
+    decomposition_norm: Literal["per_chunk", "joint"] = "per_chunk"
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from: a ``holons cache`` folder or a folder of image files.
+
+    ``batch_size`` is the *global* batch (split evenly over ranks). Images are cached
+    intensities in [0, 1]; the backbone sees ``(x - mean) / std`` (recorded in exports).
+
+    Views of each step are drawn in ``view_groups`` equal slices of the global batch, each
+    from its own seeded generator (default: one slice per rank). A one-process run with
+    ``view_groups`` equal to a DDP run's world size sees exactly the views of that DDP run.
+    """
+
+    cache_dir: str | None = None
+    images_dir: str | None = None
+    split: str | None = None
+    image_size: int | None = None
+    max_images: int | None = None
+    batch_size: int = 512
+    num_workers: int = 0
+    view_groups: int | None = None
+    mean: float = 0.5
+    std: float = 0.25
+
+
+@dataclass
+class LossConfig:
+    """Weights and temperatures of the three branches (see holons.ssl.losses for the reduction)."""
+
+    w_loc: float = 1.0
+    w_comp: float = 1.0
+    w_dec: float = 1.0
+    teacher_temp: float = 0.04
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    embed_reduction: Literal["sum_dim", "mean"] = "sum_dim"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up + cosine lr, cosine weight decay, EMA momentum 0.996 -> 1.
+
+    ``lr`` is per 256 images of global batch (linear scaling). Warm-up and the last-layer
+    freeze are in epochs; a stage's schedules start afresh at the stage's first step.
+    """
+
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: float = 1.0
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage: its branches (``mode``), its levels, and its length per level."""
+
+    mode: StageMode = "part_whole"
+    levels: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs_per_level: float | None = None
+    steps_per_level: int | None = None
+
+
+def _default_stages() -> list[StageConfig]:
+    return [StageConfig(mode="localizability", epochs_per_level=1.0),
+            StageConfig(mode="part_whole", epochs_per_level=1.0)]
+
+
+@dataclass
+class CurriculumConfig:
+    """Stage 1 localizability only, stage 2 all branches, each over granularity levels 0 -> 1 -> 2."""
+
+    stages: list[StageConfig] = field(default_factory=_default_stages)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests: the loss is set to NaN at these global steps."""
+
+    nan_loss_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pretraining run. ``method: dino`` is the baseline: localizability only at level 0,
+    one stage with the same total number of steps as the configured curriculum."""
+
+    method: Literal["adamv2", "dino"] = "adamv2"
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    max_nan_steps: int = 20
+    max_steps: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    init_from: str | None = None
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of steps at one (stage, level); steps are global optimizer steps."""
+
+    stage: int
+    mode: StageMode
+    level: int
+    start: int
+    steps: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Checks that need more than types; raises ConfigError naming the key."""
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("resume and init_from cannot both be set: resume continues this run, "
+                          "init_from starts a new run from another run's weights")
+    d = cfg.data
+    if (d.cache_dir is None) == (d.images_dir is None):
+        raise ConfigError("set exactly one of data.cache_dir and data.images_dir")
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
+    if d.view_groups is not None and (d.view_groups < 1 or d.batch_size % d.view_groups):
+        raise ConfigError(f"data.view_groups must divide data.batch_size={d.batch_size}, got {d.view_groups}")
+    if d.std <= 0:
+        raise ConfigError(f"data.std must be > 0, got {d.std}")
+    if not cfg.curriculum.stages:
+        raise ConfigError("curriculum.stages is empty")
+    for i, st in enumerate(cfg.curriculum.stages):
+        key = f"curriculum.stages[{i}]"
+        if not st.levels or any(lv < 0 for lv in st.levels):
+            raise ConfigError(f"{key}.levels must be a non-empty list of levels >= 0, got {st.levels}")
+        if (st.epochs_per_level is None) == (st.steps_per_level is None):
+            raise ConfigError(f"{key}: set exactly one of epochs_per_level and steps_per_level")
+        if (st.steps_per_level is not None and st.steps_per_level < 1) or (
+                st.epochs_per_level is not None and st.epochs_per_level <= 0):
+            raise ConfigError(f"{key}: the length per level must be positive")
+    if cfg.checkpoint_every < 1 or cfg.log_every < 1:
+        raise ConfigError("checkpoint_every and log_every must be >= 1")
+    if cfg.max_nan_steps < 0:
+        raise ConfigError(f"max_nan_steps must be >= 0, got {cfg.max_nan_steps}")
+    if cfg.optim.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_grad must be > 0, got {cfg.optim.clip_grad}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
+
+
+def plan_segments(cfg: PretrainConfig, steps_per_epoch: int) -> list[Segment]:
+    """The run's (stage, level) segments in order, with their global step ranges.
+
+    For ``method: dino`` the curriculum collapses into one localizability stage at level 0
+    with the same total number of steps (same compute budget in steps).
+    """
+    segments: list[Segment] = []
+    start = 0
+    for i, st in enumerate(cfg.curriculum.stages):
+        n = st.steps_per_level if st.steps_per_level is not None else max(
+            1, math.ceil(st.epochs_per_level * steps_per_epoch))
+        for level in st.levels:
+            segments.append(Segment(stage=i, mode=st.mode, level=level, start=start, steps=n))
+            start += n
+    if cfg.method == "dino":
+        segments = [Segment(stage=0, mode="localizability", level=0, start=0, steps=start)]
+    return segments
