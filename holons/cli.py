@@ -219,8 +219,10 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("karyotype", help="chromosome karyotyping: train, predict per case, karyogram")
     ks = p.add_subparsers(dest="action", required=True)
     t = ks.add_parser("train", help="train the Varifocal G-Net / L-Net and evaluate it on the test split")
-    t.add_argument("--config", type=Path, default=None, help="YAML config (configs/finetune/karyotype_*.yaml)")
-    t.add_argument("--data", type=Path, required=True, help="manifest CSV (pki-3, karyonet or synthetic layout)")
+    t.add_argument("--config", type=Path, default=None,
+                   help="YAML config (configs/finetune/karyotype_*.yaml)")
+    t.add_argument("--data", type=Path, required=True,
+                   help="manifest CSV (pki-3, karyonet or synthetic layout)")
     t.add_argument("--out", type=Path, required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -228,7 +230,8 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_cmd_karyotype_train)
     r = ks.add_parser("predict", help="predict types and polarity, dispatch per case")
     r.add_argument("--model", type=Path, required=True, help="model folder (or the training run folder)")
-    r.add_argument("--data", type=Path, required=True, help="manifest CSV or folder of images (one folder per case)")
+    r.add_argument("--data", type=Path, required=True,
+                   help="manifest CSV or folder of images (one folder per case)")
     r.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and cases/*.json")
     r.add_argument("--dispatch", choices=["none", "greedy", "optimal"], default="optimal")
     r.add_argument("--batch-size", type=int, default=256)
@@ -299,6 +302,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--random-wholes", type=int, default=0,
                    help="part-whole consistency also on this many random half-side wholes per image")
     c.add_argument("--no-part-whole", action="store_true", help="skip part-whole consistency")
+    c.add_argument("--stages", type=int, default=1,
+                   help="match on the last N feature stages concatenated (1: last stage only)")
     c.set_defaults(func=_cmd_evaluate_correspondence)
 
     f = ss.add_parser("fewshot-seg", help="few-shot segmentation (Dice per structure) with a U-Net decoder")
@@ -334,7 +339,8 @@ def _cmd_evaluate_correspondence(args: argparse.Namespace) -> int:
     summary = run_correspondence(
         args.weights, args.data, args.out, arch=args.arch, size=args.size, pairs=args.pairs, seed=args.seed,
         split=None if args.split == "all" else args.split, radii=tuple(args.radii),
-        part_whole=not args.no_part_whole, random_wholes=args.random_wholes, device=args.device,
+        part_whole=not args.no_part_whole, random_wholes=args.random_wholes, stages=args.stages,
+        device=args.device,
     )
     print(format_correspondence(summary))
     print(f"{summary['pairs']} pairs in {summary['elapsed_s']:.0f} s; results in {args.out / 'results.json'}")
