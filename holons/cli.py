@@ -117,48 +117,199 @@ def _cmd_synth_karyotypes(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- demo
+DEMO_KARYOGRAM_CASE = "syn00000.01"
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main pipeline end to end on built-in synthetic data")
+    p = sub.add_parser("demo", help="run the main pipeline end to end on built-in synthetic data "
+                       "(rerun to resume: finished steps are skipped)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything the demo makes")
     p.add_argument("--n", type=int, default=300, help="number of phantom radiographs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true",
+                   help="a miniature run (tiny images, a few steps; about a minute) to check the pipeline; "
+                   "its numbers mean nothing")
     p.set_defaults(func=_cmd_demo)
 
 
-def demo_steps(out: Path, n: int = 300, seed: int = 0) -> list[tuple[str, list[str]]]:
-    """The demo as a list of (title, CLI arguments): each step is a command a user could type."""
-    return [
+def _configs_dir() -> Path:
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    if not (folder / "pretrain" / "cpu_tiny.yaml").is_file():
+        raise HolonsError(f"the demo needs the repository's configs folder, not found at {folder}; "
+                          "run it from a source checkout (pip install -e .)")
+    return folder
+
+
+def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> list[tuple[str, list[str]]]:
+    """The demo as a list of (title, CLI arguments): each step is a command a user could type.
+
+    Full size (about 10-15 minutes on 2 cores): 300 phantoms of 256 px cached at 128 px, cpu_tiny
+    pretraining (48 steps each for ``adamv2`` and ``dino``), the tiny karyotype config, and the
+    comparison over 3 seeds. ``fast`` shrinks everything to a smoke test. Pretraining always passes
+    ``resume=true`` and an interrupted karyotype run gets ``--resume``, so a rerun continues.
+    """
+    cfg = _configs_dir()
+    size, cache_size, cases = ("64", "64", "12") if fast else ("256", "128", "20")
+    pretrain_extra = []
+    if fast:
+        pretrain_extra = [
+            "data.batch_size=4", "model.out_dim=128", "model.head_hidden=64", "model.head_bottleneck=32",
+            "views.n_local=2", "log_every=1",
+            "curriculum.stages=[{mode: localizability, levels: [0], steps_per_level: 1}, "
+            "{mode: part_whole, levels: [0], steps_per_level: 1}]",
+        ]
+    karyo_model = out / "karyotype" / "model"
+    karyo_extra = ["--resume"] if karyo_model.is_dir() and any(karyo_model.iterdir()) else []
+    if fast:
+        karyo_extra += ["data.input_size=32", "train.gnet_epochs=1"]
+    steps: list[tuple[str, list[str]]] = [
         ("synthesize chest phantoms",
-         ["synth", "radiographs", "--out", str(out / "phantoms"), "--n", str(n), "--seed", str(seed)]),
-        ("synthesize karyotypes",
-         ["synth", "karyotypes", "--out", str(out / "karyotypes"), "--cases", "20", "--seed", str(seed)]),
-        ("index the phantom archive",
+         ["synth", "radiographs", "--out", str(out / "phantoms"), "--n", str(n), "--seed", str(seed),
+          "--size", size]),
+        ("synthesize karyotypes for training",
+         ["synth", "karyotypes", "--out", str(out / "karyotypes"), "--cases", cases, "--seed", str(seed)]),
+        ("synthesize new karyotypes to predict",
+         ["synth", "karyotypes", "--out", str(out / "karyotypes_new"), "--cases", "3",
+          "--seed", str(seed + 1), "--abnormal-rate", "0.5"]),
+        ("index the phantom archive (DICOM)",
          ["index", str(out / "phantoms" / "dicom"), "--out", str(out / "manifest.parquet"),
           "--secret-file", str(out / "site_secret.txt")]),
         ("decode once into the cache",
-         ["cache", str(out / "manifest.parquet"), "--out", str(out / "cache"), "--size", "128"]),
+         ["cache", str(out / "manifest.parquet"), "--out", str(out / "cache"), "--size", cache_size]),
     ]
+    for method, config in (("adamv2", "cpu_tiny.yaml"), ("dino", "cpu_tiny_dino.yaml")):
+        steps.append((f"pretrain {method} (cpu_tiny)",
+                      ["pretrain", "--config", str(cfg / "pretrain" / config),
+                       "--out", str(out / "runs" / method), f"data.cache_dir={out / 'cache'}", "resume=true",
+                       *pretrain_extra]))
+    for method in ("adamv2", "dino"):
+        steps.append((f"export the {method} teacher backbone",
+                      ["export", str(out / "runs" / method), "--out", str(out / "weights" / method)]))
+    steps += [
+        ("train the karyotype model on synthetic cells",
+         ["karyotype", "train", "--config", str(cfg / "finetune" / "karyotype_cpu_tiny.yaml"),
+          "--data", str(out / "karyotypes" / "manifest.csv"), "--out", str(karyo_model), *karyo_extra]),
+        ("predict and dispatch the new cells",
+         ["karyotype", "predict", "--model", str(karyo_model),
+          "--data", str(out / "karyotypes_new" / "manifest.csv"),
+          "--out", str(out / "karyotype" / "predictions")]),
+        ("draw a karyogram",
+         ["karyotype", "karyogram", "--predictions", str(out / "karyotype" / "predictions"),
+          "--case", DEMO_KARYOGRAM_CASE,
+          "--out", str(out / "karyotype" / f"karyogram_{DEMO_KARYOGRAM_CASE}.png")]),
+        ("compare random / dino / adamv2: correspondence, few-shot segmentation -> report",
+         ["evaluate", "compare", "--weights", "random", f"dino={out / 'weights' / 'dino'}",
+          f"adamv2={out / 'weights' / 'adamv2'}", "--runs", f"dino={out / 'runs' / 'dino'}",
+          f"adamv2={out / 'runs' / 'adamv2'}", "--data", str(out / "phantoms"), "--out", str(out / "report"),
+          "--seeds", *(["0", "1"] if fast else ["0", "1", "2"]), *(["--fast"] if fast else [])]),
+    ]
+    return steps
+
+
+def _step_key(argv: list[str]) -> list[str]:
+    """What identifies a finished step: its arguments without the resume flag added on reruns."""
+    return [a for a in argv if a != "--resume"]
+
+
+def _step_output(argv: list[str]) -> Path | None:
+    return Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+
+
+def _load_demo_state(path: Path, settings: dict) -> dict:
+    """The demo's record of finished steps; a folder made with other settings is refused."""
+    import json
+
+    if not path.is_file():
+        return {"settings": settings, "done": []}
+    try:
+        state = json.loads(path.read_text())
+        done = [list(map(str, a)) for a in state["done"]]
+    except (ValueError, KeyError, TypeError):
+        return {"settings": settings, "done": []}
+    if state.get("settings") != settings:
+        made = ", ".join(f"{k} {v}" for k, v in state.get("settings", {}).items())
+        raise HolonsError(f"{path.parent} holds a demo made with other settings ({made}); "
+                          "use another --out or delete that folder")
+    return {"settings": settings, "done": done}
+
+
+def _demo_summary(out: Path) -> str:
+    """The closing table: the comparison's headline numbers and the karyotyping results."""
+    import json
+
+    from holons.eval.report import format_headline
+
+    lines = []
+    summary_file = out / "report" / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        lines += ["foundation weights (phantoms; mean ± sd over seeds):", format_headline(summary)]
+    metrics_file = out / "karyotype" / "model" / "eval" / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        lines.append(f"karyotyping (held-out synthetic cells, {m.get('test_chromosomes', '?')} chromosomes): "
+                     f"type accuracy {m.get('type_accuracy', float('nan')):.3f}, polarity "
+                     f"{m.get('polarity_accuracy', float('nan')):.3f}, per case with optimal dispatch "
+                     f"{m.get('case_accuracy_optimal', float('nan')):.3f}")
+    cases = sorted((out / "karyotype" / "predictions" / "cases").glob("*.json"))
+    if cases:
+        warned = []
+        for c in cases:
+            record = json.loads(c.read_text())
+            if record.get("warnings"):
+                warned.append(f"{c.stem}: {'; '.join(map(str, record['warnings']))}")
+        lines.append(f"new cells predicted: {len(cases)}, with warnings: {len(warned)}"
+                     + "".join(f"\n  {w}" for w in warned))
+    return "\n".join(lines)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import json
     import secrets
+    import shlex
     import time
+
+    from holons.files import atomic_write
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "demo_state.json"
+    state = _load_demo_state(state_file, {"n": args.n, "seed": args.seed, "fast": args.fast})
     secret_file = out / "site_secret.txt"
     if not secret_file.exists():
         secret_file.write_text(secrets.token_hex(32) + "\n")
         secret_file.chmod(0o600)
     t0 = time.perf_counter()
-    steps = demo_steps(out, n=args.n, seed=args.seed)
+    load_start = os.getloadavg()[0]
+    steps = demo_steps(out, n=args.n, seed=args.seed, fast=args.fast)
+    times: list[tuple[str, str]] = []
     for i, (title, argv) in enumerate(steps, 1):
-        print(f"\n[{i}/{len(steps)}] {title}: holons {' '.join(argv)}", flush=True)
+        target = _step_output(argv)
+        key = _step_key(argv)
+        if key in state["done"] and (target is None or target.exists()):
+            print(f"\n[{i}/{len(steps)}] {title}: done in an earlier run, skipped", flush=True)
+            times.append((title, "skipped"))
+            continue
+        print(f"\n[{i}/{len(steps)}] {title}:\n  holons {shlex.join(argv)}", flush=True)
+        t1 = time.perf_counter()
         rc = main(argv)
         if rc != 0:
-            print(f"demo stopped: step {i} ({title}) failed with exit status {rc}", file=sys.stderr)
+            print(f"demo stopped: step {i} ({title}) failed with exit status {rc}; fix the cause and rerun "
+                  "`holons demo` with the same arguments to continue from this step", file=sys.stderr)
             return rc
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {out.resolve()}")
+        times.append((title, f"{time.perf_counter() - t1:.0f} s"))
+        state["done"] = [a for a in state["done"] if a != key] + [key]
+        with atomic_write(state_file, "w") as f:
+            json.dump(state, f, indent=1)
+    width = max(len(t) for t, _ in times)
+    print("\nsteps:")
+    for title, took in times:
+        print(f"  {title.ljust(width)}  {took:>8}")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s (load average {load_start:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} CPUs); outputs in {out.resolve()}")
+    print(_demo_summary(out))
+    report = (out / "report").resolve()
+    print(f"\nreport: {report / 'report.md'}  (plots in {report / 'plots'})")
     return 0
 
 
@@ -332,6 +483,28 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="share of patients held out where the set has no split column")
     k.set_defaults(func=_cmd_evaluate_classify)
 
+    m = ss.add_parser("compare", help="several weight sets side by side (random init always): "
+                      "correspondence, few-shot segmentation [, classification] over seeds -> one report")
+    m.add_argument("--weights", nargs="+", required=True, metavar="NAME=DIR_OR_random",
+                   help="weight sets: NAME=exported folder, NAME=random, or a bare folder / 'random'")
+    m.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUNDIR",
+                   help="pretraining run dirs for the loss curves (found by itself for RUN/exported)")
+    m.add_argument("--data", type=Path, required=True, help=annotated)
+    m.add_argument("--out", type=Path, required=True, help="report folder (report.md, plots/, summary.json)")
+    m.add_argument("--arch", default=None, help="timm architecture (default: the exported folders' one)")
+    m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    m.add_argument("--fast", action="store_true", help="tiny settings for smoke tests (numbers meaningless)")
+    m.add_argument("--classify", action="store_true", help="also classify the phantom findings (kNN, linear)")
+    m.add_argument("--classify-data", type=Path, default=None,
+                   help="set for classification (default: --data); implies --classify")
+    m.add_argument("--pairs", type=int, default=None, help="correspondence image pairs per seed")
+    m.add_argument("--shots", type=int, nargs="+", default=None, help="few-shot sizes (default: 3 12)")
+    m.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=None,
+                   help="few-shot encoder modes (default: frozen)")
+    m.add_argument("--fewshot-steps", type=int, default=None, help="few-shot training steps per run")
+    m.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    m.set_defaults(func=_cmd_evaluate_compare)
+
 
 def _cmd_evaluate_correspondence(args: argparse.Namespace) -> int:
     from holons.eval.correspondence import format_correspondence, run_correspondence
@@ -358,6 +531,32 @@ def _cmd_evaluate_fewshot(args: argparse.Namespace) -> int:
     print(format_fewshot(summary))
     print(f"Dice on {summary['eval_images']} {summary['eval_split']} images in {summary['elapsed_s']:.0f} s; "
           f"results in {args.out / 'results.json'}")
+    return 0
+
+
+def _cmd_evaluate_compare(args: argparse.Namespace) -> int:
+    from holons.errors import ConfigError
+    from holons.eval.report import compare, format_headline, parse_weight_specs
+
+    runs = {}
+    for spec in args.runs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--runs takes NAME=RUNDIR, got {spec!r}")
+        runs[name] = Path(path)
+    protocols = ["correspondence", "fewshot-seg"]
+    if args.classify or args.classify_data:
+        protocols.append("classify")
+    fewshot = {k: v for k, v in (("shots", args.shots and tuple(args.shots)),
+                                 ("modes", args.modes and tuple(args.modes)), ("steps", args.fewshot_steps))
+               if v is not None}
+    settings = {"correspondence": {"pairs": args.pairs} if args.pairs else {}, "fewshot-seg": fewshot}
+    summary = compare(parse_weight_specs(args.weights), args.data, args.out, runs=runs, arch=args.arch,
+                      seeds=tuple(args.seeds), protocols=protocols, classify_data=args.classify_data,
+                      fast=args.fast, settings=settings, device=args.device,
+                      log=lambda line: print(line, flush=True))
+    print(format_headline(summary))
+    print(f"report: {summary['report']} ({summary['elapsed_s']:.0f} s)")
     return 0
 
 
