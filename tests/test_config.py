@@ -59,6 +59,10 @@ def test_optional_and_roundtrip(tmp_path):
     assert load_config(Run, tmp_path / "resolved.yaml") == cfg
 
 
+def test_float_without_dot_is_accepted():
+    assert load_config(Run, None, ["optim.lr=4e-3"]).optim.lr == 4e-3
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config(Run, "/nonexistent/config.yaml")
