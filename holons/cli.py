@@ -497,11 +497,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--classify", action="store_true", help="also classify the phantom findings (kNN, linear)")
     m.add_argument("--classify-data", type=Path, default=None,
                    help="set for classification (default: --data); implies --classify")
-    m.add_argument("--pairs", type=int, default=None, help="correspondence image pairs per seed")
-    m.add_argument("--shots", type=int, nargs="+", default=None, help="few-shot sizes (default: 3 12)")
+    m.add_argument("--pairs", type=int, default=None, help="correspondence pairs per seed (default: 10)")
+    m.add_argument("--corr-size", type=int, default=None, help="correspondence frame, pixels (default: 128)")
+    m.add_argument("--shots", type=int, nargs="+", default=None, help="few-shot sizes (default: 6)")
+    m.add_argument("--seg-size", type=int, default=None, help="few-shot image side in pixels (default: 96)")
     m.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=None,
                    help="few-shot encoder modes (default: frozen)")
-    m.add_argument("--fewshot-steps", type=int, default=None, help="few-shot training steps per run")
+    m.add_argument("--fewshot-steps", type=int, default=None, help="few-shot training steps (default: 40)")
     m.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     m.set_defaults(func=_cmd_evaluate_compare)
 
@@ -547,10 +549,15 @@ def _cmd_evaluate_compare(args: argparse.Namespace) -> int:
     protocols = ["correspondence", "fewshot-seg"]
     if args.classify or args.classify_data:
         protocols.append("classify")
-    fewshot = {k: v for k, v in (("shots", args.shots and tuple(args.shots)),
-                                 ("modes", args.modes and tuple(args.modes)), ("steps", args.fewshot_steps))
-               if v is not None}
-    settings = {"correspondence": {"pairs": args.pairs} if args.pairs else {}, "fewshot-seg": fewshot}
+    def given(*pairs: tuple[str, object]) -> dict:
+        return {k: v for k, v in pairs if v is not None}
+
+    settings = {
+        "correspondence": given(("pairs", args.pairs), ("size", args.corr_size)),
+        "fewshot-seg": given(("shots", args.shots and tuple(args.shots)),
+                             ("modes", args.modes and tuple(args.modes)), ("steps", args.fewshot_steps),
+                             ("size", args.seg_size)),
+    }
     summary = compare(parse_weight_specs(args.weights), args.data, args.out, runs=runs, arch=args.arch,
                       seeds=tuple(args.seeds), protocols=protocols, classify_data=args.classify_data,
                       fast=args.fast, settings=settings, device=args.device,

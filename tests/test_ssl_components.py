@@ -486,3 +486,12 @@ def test_components_compose_into_one_training_step():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # half-precision logits: loss still float32
         out = loss_fn(s_logits.detach().bfloat16(), [t_logits.bfloat16()])
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+def test_embed_dim_matches_pooled_output_for_models_with_a_head_stage():
+    from holons.ssl.backbone import create_backbone
+
+    for name in ("mobilenetv3_small_100", "resnet18"):
+        bb = create_backbone(name).eval()
+        with torch.no_grad():
+            assert bb(torch.zeros(1, 1, 64, 64)).shape[1] == bb.embed_dim

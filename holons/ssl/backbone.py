@@ -37,7 +37,9 @@ class Backbone(nn.Module):
         self.model = model
         self.name = name
         self.in_chans = in_chans
-        self.embed_dim: int = int(model.num_features)
+        # Pooled embedding size: models with a pre-logits head (MobileNetV3, EfficientNet-style)
+        # report it as head_hidden_size; num_features is the last stage's width.
+        self.embed_dim: int = int(getattr(model, "head_hidden_size", None) or model.num_features)
 
     @property
     def pretrained_cfg(self) -> dict:

@@ -1,0 +1,133 @@
+"""Typed configuration of a karyotyping run (defaults < YAML < ``key.sub=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from holons.errors import ConfigError
+
+Stain = Literal["gband", "qband", "auto"]
+Variant = Literal["varifocal", "g_only", "l_whole"]
+DispatchMethod = Literal["none", "greedy", "optimal"]
+
+
+@dataclass
+class KaryotypeDataConfig:
+    """How chromosome images become fixed-size tensors, and how cases are split.
+
+    ``stain`` names how the files look (``gband``: dark bands on white, ``qband``: bright on black,
+    ``auto``: decided per image from its border); every image is brought to one convention,
+    bright chromosome on a black (0) background. ``canvas`` is the side in source pixels of the
+    square each chromosome is centred on without stretching (0: the smallest multiple of 8 that
+    holds the longest chromosome of the training data). The canvas is then resized to
+    ``zoom_source_size`` (what the varifocal zoom crops from; 0 = ``input_size``) and to
+    ``input_size`` for the G-Net. ``default_polarity`` fills a missing polarity column (1:
+    stored upright, -1: unknown, ignored by the polarity loss). ``max_train_cases`` (0: all) keeps a
+    seeded subset of the training cases, for small CPU runs; validation and test stay whole.
+    """
+
+    stain: Stain = "gband"
+    canvas: int = 0
+    input_size: int = 64
+    zoom_source_size: int = 0
+    default_polarity: int = 1
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    folds: int = 0
+    fold: int = 0
+    max_train_cases: int = 0
+
+    def __post_init__(self) -> None:
+        if self.input_size < 16 or self.input_size % 4:
+            raise ConfigError(f"data.input_size must be a multiple of 4 and >= 16, got {self.input_size}")
+        if self.zoom_source_size and self.zoom_source_size < self.input_size:
+            raise ConfigError("data.zoom_source_size must be 0 or at least data.input_size")
+        if self.canvas < 0:
+            raise ConfigError(f"data.canvas must be >= 0, got {self.canvas}")
+        if self.default_polarity not in (-1, 0, 1):
+            raise ConfigError("data.default_polarity must be 1 (upright), 0 (flipped) or -1 (unknown)")
+        if not (0.0 <= self.test_fraction < 1.0 and 0.0 <= self.val_fraction < 1.0
+                and self.test_fraction + self.val_fraction < 1.0):
+            raise ConfigError("data.test_fraction and data.val_fraction must be in [0, 1) and sum below 1")
+        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
+            raise ConfigError("data.folds must be 0 (fixed split) or >= 2 with 0 <= data.fold < data.folds")
+
+    @property
+    def source_size(self) -> int:
+        return self.zoom_source_size or self.input_size
+
+
+@dataclass
+class KaryotypeModelConfig:
+    """G-Net / L-Net backbones (timm names; ``*_pretrained_dir``: a ``holons export`` folder)."""
+
+    variant: Variant = "varifocal"
+    g_backbone: str = "resnet18"
+    l_backbone: str = "resnet18"
+    g_pretrained_dir: str | None = None
+    l_pretrained_dir: str | None = None
+    localizer_hidden: int = 256
+    fusion_hidden: int = 512
+    mask_steepness: float = 10.0
+    drop_rate: float = 0.0
+
+
+@dataclass
+class KaryotypeTrainConfig:
+    """The four-step schedule (epochs per step; 0 skips a step), Adam with a step decay, CutMix.
+
+    Step 3 alternates ``lnet_rounds`` times: ``lnet_epochs`` of L-Net training with the localizer
+    frozen, then ``localizer_refine_epochs`` of localizer training from the L-Net's loss with the
+    L-Net frozen, at ``lr * localizer_refine_lr_scale`` (a small step keeps the crops the L-Net
+    has just learned on); with ``refine_keep_if_better`` a refinement that lowers the L-Net's
+    validation type accuracy is undone (the soft-mask gradient is only a proxy for the zoom).
+    Validation runs every ``val_every`` epochs and at the end of each
+    phase (``val_every: 0``: only at the end).
+    """
+
+    gnet_epochs: int = 10
+    localizer_epochs: int = 2
+    lnet_rounds: int = 1
+    lnet_epochs: int = 10
+    localizer_refine_epochs: int = 1
+    localizer_refine_lr_scale: float = 0.1
+    refine_keep_if_better: bool = True
+    fusion_epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-4
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.1
+    weight_decay: float = 0.0
+    polarity_weight: float = 0.5
+    hflip: bool = True
+    cutmix_prob: float = 0.0
+    cutmix_alpha: float = 1.0
+    eval_batch_size: int = 256
+    val_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("gnet_epochs", "localizer_epochs", "lnet_rounds", "lnet_epochs",
+                     "localizer_refine_epochs", "fusion_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0")
+        if self.batch_size < 2:
+            raise ConfigError("train.batch_size must be at least 2")
+        if self.lr <= 0 or self.lr_step_epochs < 1 or not 0 < self.lr_gamma <= 1:
+            raise ConfigError("train.lr > 0, train.lr_step_epochs >= 1 and 0 < train.lr_gamma <= 1 required")
+        if not 0.0 <= self.cutmix_prob <= 1.0 or self.cutmix_alpha <= 0:
+            raise ConfigError("train.cutmix_prob must be in [0, 1] and train.cutmix_alpha > 0")
+
+
+@dataclass
+class KaryotypeConfig:
+    """A whole karyotyping run: data, model, training and the dispatch used in evaluation."""
+
+    data: KaryotypeDataConfig = field(default_factory=KaryotypeDataConfig)
+    model: KaryotypeModelConfig = field(default_factory=KaryotypeModelConfig)
+    train: KaryotypeTrainConfig = field(default_factory=KaryotypeTrainConfig)
+    dispatch: DispatchMethod = "optimal"

@@ -1,0 +1,311 @@
+"""Chromosome images as fixed-size tensors: manifests, stain convention, canvas, flips, group splits.
+
+One convention for every stain: a bright chromosome on a black (0) background. Each image is
+centred on a square canvas *without stretching* (a chromosome's length is a class cue), and the
+canvas is resized to the network's input size. The canvas side comes from the training data (the
+smallest multiple of 8 that holds the longest chromosome) and is stored with the model, so
+prediction puts new images on the same canvas.
+
+Labels: type 0..23 (autosomes 1..22 -> 0..21, X -> 22, Y -> 23); polarity 1 when the long arm
+points down (as stored in ``pki3_gband`` and karyogram-style crops), 0 when flipped, -1 unknown.
+A vertical flip swaps polarity; a horizontal flip keeps both labels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from holons.data.readers import UnreadableImage, read_image
+from holons.errors import HolonsError
+
+NUM_TYPES = 24
+CLASS_NAMES = tuple([str(k) for k in range(1, 23)] + ["X", "Y"])
+"""Display name of each type 0..23."""
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+CANVAS_MULTIPLE = 8
+
+
+class KaryotypeDataError(HolonsError):
+    """A manifest or image folder that cannot be used for karyotyping."""
+
+
+# --------------------------------------------------------------------------- manifests
+def read_karyotype_manifest(path: str | Path, *, default_polarity: int = 1) -> tuple[pd.DataFrame, dict]:
+    """Read a manifest CSV (pki-3, karyonet or synthetic layout) into one normalised table.
+
+    Columns of the result: ``path`` (as written), ``file`` (absolute), ``case_id``, ``group``
+    (``slide_id`` when present, else the case), ``label`` (0..23, -1 when unlabelled),
+    ``polarity`` (1/0, ``default_polarity`` when the manifest has none), and ``height``/``width``
+    when the manifest has them. Labels are read from ``label_0to23``, else ``class_1to24``, else
+    ``label``. Rows with a label outside 1..24 are dropped and counted in the returned dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KaryotypeDataError(f"manifest not found: {path}")
+    try:
+        raw = pd.read_csv(path, dtype={"case_id": str, "slide_id": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise KaryotypeDataError(f"{path}: not a readable CSV manifest ({type(e).__name__})") from e
+    if "path" not in raw.columns:
+        raise KaryotypeDataError(f"{path}: manifest needs a 'path' column (has: {', '.join(raw.columns)})")
+    root = path.parent
+    out = pd.DataFrame({"path": raw["path"].astype(str)})
+    out["file"] = [str(p if Path(p).is_absolute() else root / p) for p in out["path"]]
+    if "case_id" in raw.columns:
+        out["case_id"] = raw["case_id"].astype(str)
+    else:
+        out["case_id"] = [Path(p).parent.name for p in out["path"]]
+    out["group"] = raw["slide_id"].astype(str) if "slide_id" in raw.columns else out["case_id"]
+    if "label_0to23" in raw.columns:
+        label = pd.to_numeric(raw["label_0to23"], errors="coerce")
+    elif "class_1to24" in raw.columns:
+        label = pd.to_numeric(raw["class_1to24"], errors="coerce") - 1
+    elif "label" in raw.columns:
+        label = pd.to_numeric(raw["label"], errors="coerce")
+    else:
+        label = pd.Series(-1, index=raw.index)
+    if "polarity" in raw.columns:
+        polarity = pd.to_numeric(raw["polarity"], errors="coerce").fillna(-1)
+    else:
+        polarity = pd.Series(default_polarity, index=raw.index)
+    labelled = label.notna() & (label != -1)
+    bad = labelled & ~label.between(0, NUM_TYPES - 1)
+    if "class_1to24" in raw.columns:
+        k = pd.to_numeric(raw["class_1to24"], errors="coerce")
+        bad |= k.notna() & ~k.between(1, NUM_TYPES)
+        bad |= labelled & k.notna() & (k - 1 != label)
+    out["label"] = label.fillna(-1).astype(int)
+    out["polarity"] = polarity.astype(int).where(polarity.isin([0, 1]), -1)
+    for col in ("height", "width"):
+        if col in raw.columns:
+            out[col] = pd.to_numeric(raw[col], errors="coerce")
+    skipped = {"label outside 1..24": int(bad.sum())} if bad.any() else {}
+    return out[~bad].reset_index(drop=True), skipped
+
+
+def folder_manifest(folder: str | Path) -> pd.DataFrame:
+    """A normalised, unlabelled table of the images under ``folder``.
+
+    The case of an image is its first folder below ``folder`` (one folder per cell), or the
+    folder's own name for images directly inside it.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise KaryotypeDataError(f"no chromosome images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    rel = [p.relative_to(folder) for p in files]
+    cases = [r.parts[0] if len(r.parts) > 1 else folder.name for r in rel]
+    return pd.DataFrame({
+        "path": [r.as_posix() for r in rel], "file": [str(p) for p in files], "case_id": cases,
+        "group": cases, "label": -1, "polarity": -1,
+    })
+
+
+def load_table(data: str | Path, *, default_polarity: int = 1) -> tuple[pd.DataFrame, dict]:
+    """A manifest CSV or a folder of images, as :func:`read_karyotype_manifest` returns it."""
+    data = Path(data)
+    if data.is_dir():
+        return folder_manifest(data), {}
+    return read_karyotype_manifest(data, default_polarity=default_polarity)
+
+
+# --------------------------------------------------------------------------- pixels
+def normalise_stain(pixels: np.ndarray, stain: str) -> np.ndarray:
+    """Gray pixels in [0, 1] -> bright chromosome on a 0 background, float32.
+
+    ``gband`` images (dark on white) are inverted, ``qband`` (bright on black) kept, ``auto``
+    inverts when the image border is brighter than mid-gray. The background level (median of the
+    border pixels) is then subtracted and the range stretched back to [0, 1], so JPEG crops with a
+    near-white background land on the same 0 background as clean PNG/TIFF crops.
+    """
+    x = np.asarray(pixels, dtype=np.float32)
+    if x.ndim != 2:
+        raise KaryotypeDataError(f"expected a 2-D gray image, got shape {x.shape}")
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    if stain == "gband" or (stain == "auto" and float(np.median(border)) > 0.5):
+        x = 1.0 - x
+    elif stain not in ("qband", "auto"):
+        raise ValueError(f"stain must be gband, qband or auto, got {stain!r}")
+    background = float(np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])))
+    if background > 0.0 and background < 1.0:
+        x = (x - background) / (1.0 - background)
+    return np.clip(x, 0.0, 1.0)
+
+
+def choose_canvas(heights: Sequence[float], widths: Sequence[float], multiple: int = CANVAS_MULTIPLE) -> int:
+    """The smallest multiple of ``multiple`` that holds the longest side of every chromosome."""
+    longest = max(float(np.nanmax(np.asarray(heights, float))), float(np.nanmax(np.asarray(widths, float))))
+    if not math.isfinite(longest) or longest < 1:
+        raise KaryotypeDataError("cannot choose a canvas: no chromosome sizes")
+    return int(math.ceil(longest / multiple) * multiple)
+
+
+def place_on_canvas(x: np.ndarray, canvas: int) -> tuple[np.ndarray, bool]:
+    """Centre ``x`` (H x W, background 0) on a ``canvas`` square without stretching.
+
+    A chromosome longer than the canvas is shrunk (aspect kept, area filter) to fit; the second
+    value says so.
+    """
+    h, w = x.shape
+    shrunk = max(h, w) > canvas
+    if shrunk:
+        scale = canvas / max(h, w)
+        h, w = max(1, min(canvas, round(h * scale))), max(1, min(canvas, round(w * scale)))
+        x = _resize(x, w, h)
+    out = np.zeros((canvas, canvas), np.float32)
+    y0, x0 = (canvas - h) // 2, (canvas - w) // 2
+    out[y0:y0 + h, x0:x0 + w] = x
+    return out, shrunk
+
+
+def _resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area-filtered resize of a float image (Pillow's BOX filter on mode F)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(x, np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BOX), dtype=np.float32)
+
+
+def chromosome_array(pixels: np.ndarray, *, stain: str, canvas: int, size: int) -> tuple[np.ndarray, bool]:
+    """One chromosome as a ``size x size`` float32 array in [0, 1] (stain, canvas, area resize)."""
+    placed, shrunk = place_on_canvas(normalise_stain(pixels, stain), canvas)
+    if size != canvas:
+        placed = _resize(placed, size, size)
+    return np.clip(placed, 0.0, 1.0), shrunk
+
+
+def read_chromosome(path: str | Path, *, stain: str, canvas: int, size: int) -> tuple[np.ndarray, bool]:
+    """Read one file and make it a ``size x size`` array (raises ``UnreadableImage``)."""
+    return chromosome_array(read_image(path).pixels, stain=stain, canvas=canvas, size=size)
+
+
+# --------------------------------------------------------------------------- dataset
+@dataclass
+class LoadReport:
+    """What preloading did: images kept, shrunk to fit the canvas, and skipped (with reasons)."""
+
+    kept: int = 0
+    shrunk: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class KaryotypeDataset(Dataset):
+    """Chromosomes of a normalised table, decoded once into memory as uint8 ``size x size``.
+
+    Unreadable files are recorded in ``report.skipped`` and left out (``table`` keeps only the
+    rows that loaded). Items are dicts: ``image`` (1 x S x S float in [0, 1]), ``label``,
+    ``polarity``, ``index`` (row of ``table``).
+    """
+
+    def __init__(self, table: pd.DataFrame, *, stain: str, canvas: int, size: int,
+                 progress: bool = False) -> None:
+        from tqdm import tqdm
+
+        self.stain, self.canvas, self.size = stain, int(canvas), int(size)
+        self.report = LoadReport()
+        images, keep = [], []
+        for i, file in enumerate(tqdm(table["file"], desc="chromosomes", unit="img", disable=not progress)):
+            try:
+                t, shrunk = read_chromosome(file, stain=stain, canvas=self.canvas, size=self.size)
+            except UnreadableImage as e:
+                self.report.skipped.append((str(file), e.reason))
+                continue
+            except KaryotypeDataError as e:
+                self.report.skipped.append((str(file), str(e)))
+                continue
+            images.append(np.round(t * 255).astype(np.uint8))
+            keep.append(i)
+            self.report.shrunk += int(shrunk)
+        self.table = table.iloc[keep].reset_index(drop=True)
+        self.report.kept = len(keep)
+        stacked = np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.uint8)
+        self.images = torch.from_numpy(stacked)
+        self.labels = torch.tensor(self.table["label"].to_numpy(), dtype=torch.long)
+        self.polarity = torch.tensor(self.table["polarity"].to_numpy(), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i].float() / 255.0, "label": self.labels[i],
+                "polarity": self.polarity[i], "index": i}
+
+
+# --------------------------------------------------------------------------- flips
+def flip_vertical(images: torch.Tensor, polarity: torch.Tensor, mask: torch.Tensor | None = None):
+    """Flip ``images`` (N x C x H x W) upside down where ``mask`` (all when None); polarity swaps
+    (1 <-> 0), unknown polarity (-1) stays unknown."""
+    if mask is None:
+        mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    flipped = torch.where(mask[:, None, None, None], images.flip(-2), images)
+    swapped = torch.where(mask & (polarity >= 0), 1 - polarity, polarity)
+    return flipped, swapped
+
+
+def random_flips(images: torch.Tensor, polarity: torch.Tensor, generator: torch.Generator,
+                 hflip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical flip with p = 1/2 (polarity swapped) and, with ``hflip``, a horizontal flip with
+    p = 1/2 (labels kept): the augmentation that teaches polarity from upright data."""
+    u = torch.rand(images.shape[0], 2, generator=generator).to(images.device)
+    images, polarity = flip_vertical(images, polarity, u[:, 0] < 0.5)
+    if hflip:
+        images = torch.where((u[:, 1] < 0.5)[:, None, None, None], images.flip(-1), images)
+    return images, polarity
+
+
+# --------------------------------------------------------------------------- splits
+def _shuffled_groups(groups: Sequence[str], seed: int) -> np.ndarray:
+    unique = np.unique(np.asarray([str(g) for g in groups]))
+    return unique[np.random.default_rng([seed, 0x5EED]).permutation(len(unique))]
+
+
+def group_split(groups: Sequence[str], *, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                seed: int = 0) -> np.ndarray:
+    """``"train"/"val"/"test"`` per row, whole groups (slides) at a time.
+
+    The sorted unique groups are shuffled with ``seed``; the first ``ceil(test_fraction * G)``
+    are test, the next ``ceil(val_fraction * G)`` validation. No group is in two splits, and the
+    split of a fixed group list is fixed by the seed (documented test splits).
+    """
+    order = _shuffled_groups(groups, seed)
+    n = len(order)
+    n_test = math.ceil(test_fraction * n) if test_fraction > 0 else 0
+    n_val = math.ceil(val_fraction * n) if val_fraction > 0 else 0
+    if n and n_test + n_val >= n:
+        raise KaryotypeDataError(f"{n} groups are too few for test {test_fraction} and val {val_fraction}")
+    split_of = {g: ("test" if i < n_test else "val" if i < n_test + n_val else "train")
+                for i, g in enumerate(order)}
+    return np.asarray([split_of[str(g)] for g in groups])
+
+
+def group_kfold(groups: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
+    """Fold 0..k-1 per row; groups are dealt round-robin after a seeded shuffle (sizes differ by <= 1)."""
+    order = _shuffled_groups(groups, seed)
+    if k < 2 or k > len(order):
+        raise KaryotypeDataError(f"k-fold needs 2 <= k <= number of groups ({len(order)}), got {k}")
+    fold_of = {g: i % k for i, g in enumerate(order)}
+    return np.asarray([fold_of[str(g)] for g in groups])
+
+
+def assign_splits(groups: Sequence[str], *, test_fraction: float, val_fraction: float, seed: int,
+                  folds: int = 0, fold: int = 0) -> np.ndarray:
+    """The fixed split (``folds == 0``) or fold ``fold`` of a k-fold CV as test, with validation
+    groups carved from the remaining groups (``val_fraction`` of all groups)."""
+    if not folds:
+        return group_split(groups, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    fold_ids = group_kfold(groups, folds, seed)
+    groups = np.asarray([str(g) for g in groups])
+    rest = groups[fold_ids != fold]
+    inner_val = val_fraction / max(1e-9, 1.0 - 1.0 / folds)
+    inner = group_split(rest, test_fraction=0.0, val_fraction=min(inner_val, 0.5), seed=seed + 1)
+    out = np.full(len(groups), "test", dtype=object)
+    out[fold_ids != fold] = inner
+    return out.astype(str)

@@ -1,0 +1,199 @@
+"""Varifocal G-Net / L-Net (after Varifocal-Net, IEEE TMI 2019), on holons or timm backbones.
+
+- G-Net: a backbone on the whole canvas (``input_size``) with a type head (24) and a polarity
+  head (2).
+- Localizer: G-Net's pooled features -> MLP -> three sigmoids, mapped to a box that always stays
+  inside the canvas: centre (x, y) in [1/4, 3/4] of the side, half-size in [1/8, 1/4] (side in
+  [1/4, 1/2]). Coordinates are fractions of the canvas, x to the right, y down.
+- Varifocal zoom: the box is cropped from the source image (``zoom_source_size``) and resampled
+  to the L-Net input (half the G-Net input). The forward pass is the hard crop; the gradient to
+  the three box numbers flows through a soft logistic box mask (steepness ``k`` per source pixel)
+  as a straight-through term: ``out = hard + (soft - soft.detach())``.
+- L-Net: a second backbone on the zoomed crop, with its own type and polarity heads (used while
+  it trains on its own, step 3).
+- Fusion: concatenated G and L features -> two MLPs (``fusion_hidden``) for type and polarity.
+
+Variants: ``varifocal`` (all of the above), ``g_only`` (no L-Net), ``l_whole`` (the L-Net sees the
+whole canvas at the L-Net size instead of the learned crop; an ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from holons.errors import ConfigError
+from holons.finetune.karyotype.config import KaryotypeModelConfig
+from holons.finetune.karyotype.data import NUM_TYPES
+from holons.ssl.backbone import create_backbone
+
+CENTRE_RANGE = (0.25, 0.75)
+HALF_RANGE = (0.125, 0.25)
+
+
+def bound_box(raw: torch.Tensor) -> torch.Tensor:
+    """Three unbounded numbers per sample -> (cx, cy, half) inside the canvas (see module doc)."""
+    s = torch.sigmoid(raw)
+    centre = CENTRE_RANGE[0] + (CENTRE_RANGE[1] - CENTRE_RANGE[0]) * s[..., :2]
+    half = HALF_RANGE[0] + (HALF_RANGE[1] - HALF_RANGE[0]) * s[..., 2:3]
+    return torch.cat([centre, half], dim=-1)
+
+
+def box_targets(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """The centred square covering each chromosome (foreground ``> threshold``), as a bounded box.
+
+    ``images`` N x 1 x H x W; returns N x 3 (cx, cy, half) clamped to the localizer's range, the
+    smooth-L1 target of the localizer's pre-training (step 2).
+    """
+    n, _, h, w = images.shape
+    fg = images[:, 0] > threshold
+    rows, cols = fg.any(2), fg.any(1)
+    ys = torch.arange(h, device=images.device, dtype=torch.float32)
+    xs = torch.arange(w, device=images.device, dtype=torch.float32)
+    big = torch.tensor(1e9, device=images.device)
+
+    def extent(hit: torch.Tensor, pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.where(hit, pos, big).amin(1)
+        hi = torch.where(hit, pos + 1, -big).amax(1)
+        empty = ~hit.any(1)
+        lo = torch.where(empty, torch.zeros_like(lo), lo)
+        hi = torch.where(empty, torch.full_like(hi, size), hi)
+        return lo / size, hi / size
+
+    x0, x1 = extent(cols, xs, w)
+    y0, y1 = extent(rows, ys, h)
+    half = torch.maximum(x1 - x0, y1 - y0) / 2
+    box = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, half], dim=1)
+    lo = torch.tensor([CENTRE_RANGE[0], CENTRE_RANGE[0], HALF_RANGE[0]], device=images.device)
+    hi = torch.tensor([CENTRE_RANGE[1], CENTRE_RANGE[1], HALF_RANGE[1]], device=images.device)
+    return torch.minimum(torch.maximum(box, lo), hi)
+
+
+def box_mask(box: torch.Tensor, height: int, width: int, steepness: float) -> torch.Tensor:
+    """Soft logistic mask of each box on an H x W pixel grid, N x 1 x H x W (k per pixel)."""
+    cx, cy, half = box[:, 0:1], box[:, 1:2], box[:, 2:3]
+    px = (torch.arange(width, device=box.device, dtype=box.dtype) + 0.5)[None] / width
+    py = (torch.arange(height, device=box.device, dtype=box.dtype) + 0.5)[None] / height
+    kx, ky = steepness * width, steepness * height
+    mx = torch.sigmoid(kx * (px - (cx - half))) * torch.sigmoid(kx * ((cx + half) - px))
+    my = torch.sigmoid(ky * (py - (cy - half))) * torch.sigmoid(ky * ((cy + half) - py))
+    return (my[:, :, None] * mx[:, None, :])[:, None]
+
+
+def _crop(images: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
+    n, c = images.shape[:2]
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 2 * box[:, 2]
+    theta[:, 0, 2] = 2 * box[:, 0] - 1
+    theta[:, 1, 2] = 2 * box[:, 1] - 1
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def varifocal_zoom(images: torch.Tensor, box: torch.Tensor, size: int,
+                   steepness: float = 10.0) -> torch.Tensor:
+    """Crop ``box`` (N x 3: cx, cy, half; canvas fractions) from ``images`` to ``size x size``.
+
+    Forward: the hard bilinear crop. Backward: the gradient to ``box`` goes through the soft
+    logistic box mask (the crop of ``images * mask`` at the same, detached, place).
+    """
+    fixed = box.detach()
+    hard = _crop(images, fixed, size)
+    if not box.requires_grad:
+        return hard
+    soft = _crop(images * box_mask(box, images.shape[-2], images.shape[-1], steepness), fixed, size)
+    return hard + (soft - soft.detach())
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
+
+
+class VarifocalNet(nn.Module):
+    """G-Net, localizer, L-Net and fusion heads; ``forward`` returns a dict of what was asked for."""
+
+    def __init__(self, cfg: KaryotypeModelConfig, input_size: int, *, in_chans: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.input_size = int(input_size)
+        self.l_size = self.input_size // 2
+        kw = {"drop_rate": cfg.drop_rate} if cfg.drop_rate else {}
+        self.g_backbone = create_backbone(cfg.g_backbone, in_chans=in_chans,
+                                          pretrained_dir=cfg.g_pretrained_dir, **kw)
+        d = self._probe(self.g_backbone, self.input_size, "G-Net")
+        self.g_type = nn.Linear(d, NUM_TYPES)
+        self.g_polarity = nn.Linear(d, 2)
+        self.has_lnet = cfg.variant != "g_only"
+        self.has_localizer = cfg.variant == "varifocal"
+        if self.has_localizer:
+            self.localizer = _mlp(d, cfg.localizer_hidden, 3)
+            nn.init.zeros_(self.localizer[-1].weight)
+            nn.init.zeros_(self.localizer[-1].bias)  # starts at the centre, half-size 3/16
+        if self.has_lnet:
+            self.l_backbone = create_backbone(cfg.l_backbone, in_chans=in_chans,
+                                              pretrained_dir=cfg.l_pretrained_dir, **kw)
+            dl = self._probe(self.l_backbone, self.l_size, "L-Net")
+            self.l_type = nn.Linear(dl, NUM_TYPES)
+            self.l_polarity = nn.Linear(dl, 2)
+            self.fusion_type = _mlp(d + dl, cfg.fusion_hidden, NUM_TYPES)
+            self.fusion_polarity = _mlp(d + dl, cfg.fusion_hidden, 2)
+
+    @staticmethod
+    def _probe(backbone: nn.Module, size: int, what: str) -> int:
+        """The pooled feature size, from one dummy forward (some timm models, e.g. MobileNetV3, pool
+        through a head wider than ``num_features``); fails early, in words, when ``size`` is too
+        small for the backbone's strides."""
+        was = backbone.training
+        backbone.eval()
+        try:
+            with torch.no_grad():
+                return int(backbone(torch.zeros(1, backbone.in_chans, size, size)).shape[-1])
+        except RuntimeError as e:
+            raise ConfigError(
+                f"{what} input of {size} px is too small for backbone {backbone.name!r} "
+                f"(the L-Net sees half of data.input_size); use a larger data.input_size"
+            ) from e
+        finally:
+            backbone.train(was)
+
+    def g_input(self, source: torch.Tensor) -> torch.Tensor:
+        if source.shape[-1] == self.input_size:
+            return source
+        return F.interpolate(source, size=(self.input_size, self.input_size), mode="area")
+
+    def l_input(self, source: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
+        if box is None:  # l_whole: the whole canvas at the L-Net size
+            return F.interpolate(source, size=(self.l_size, self.l_size), mode="area")
+        return varifocal_zoom(source, box, self.l_size, self.cfg.mask_steepness)
+
+    def forward(self, source: torch.Tensor, parts: tuple[str, ...] = ("g", "l", "fusion")) -> dict:
+        """``source`` N x 1 x S x S (the zoom source; G sees it resized to ``input_size``).
+
+        ``parts``: ``g`` (G logits), ``box``, ``l`` (L logits; implies box), ``fusion`` (implies l).
+        """
+        out: dict[str, torch.Tensor] = {}
+        g_feat = self.g_backbone(self.g_input(source))
+        out["g_feat"] = g_feat
+        if "g" in parts:
+            out["g_type"], out["g_polarity"] = self.g_type(g_feat), self.g_polarity(g_feat)
+        need_l = self.has_lnet and ("l" in parts or "fusion" in parts)
+        if self.has_localizer and ("box" in parts or need_l):
+            out["box"] = bound_box(self.localizer(g_feat))
+        if need_l:
+            l_feat = self.l_backbone(self.l_input(source, out.get("box")))
+            out["l_feat"] = l_feat
+            out["l_type"], out["l_polarity"] = self.l_type(l_feat), self.l_polarity(l_feat)
+            if "fusion" in parts:
+                both = torch.cat([g_feat, l_feat], dim=1)
+                out["type"], out["polarity"] = self.fusion_type(both), self.fusion_polarity(both)
+        return out
+
+    @torch.no_grad()
+    def predict_logits(self, source: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Type and polarity logits of the chosen head: ``g``, ``l`` or ``fusion``."""
+        if head == "g":
+            out = self(source, ("g",))
+            return out["g_type"], out["g_polarity"]
+        out = self(source, ("l", "fusion") if head == "fusion" else ("l",))
+        return (out["type"], out["polarity"]) if head == "fusion" else (out["l_type"], out["l_polarity"])

@@ -1,0 +1,98 @@
+"""Predict types and polarity for every chromosome, dispatch per case, write CSV + one JSON per case.
+
+Outputs in ``out``: ``predictions.csv`` (``path, case_id, pred_class_1to24, pred_polarity, p_top,
+dispatched_class_1to24``, plus ``p_polarity`` and ``true_class_1to24`` when the manifest has
+labels), ``cases/<case>.json`` (counts, sex and its confidence, warnings, what dispatch changed)
+and ``predict_info.json`` (model, data root, stain, unreadable files). Cases are named by their
+ids only; nothing else about a patient is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from holons.errors import HolonsError
+from holons.files import atomic_write
+from holons.finetune.karyotype.data import KaryotypeDataset, load_table
+from holons.finetune.karyotype.dispatch import METHODS, dispatch_case
+from holons.finetune.karyotype.train import load_model, predict_dataset, resolve_device
+
+PREDICTIONS = "predictions.csv"
+INFO = "predict_info.json"
+CASES = "cases"
+
+
+def case_file_name(case_id: str) -> str:
+    """A safe file name for a case id (other characters become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(case_id)) + ".json"
+
+
+def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path, *,
+                       dispatch: str = "optimal", batch_size: int = 256, device: str = "auto",
+                       progress: bool | None = None) -> dict:
+    """Run a trained model on a manifest or a folder (one sub-folder per case); see module doc."""
+    import sys
+
+    if dispatch not in METHODS:
+        raise HolonsError(f"dispatch must be one of {', '.join(METHODS)}, got {dispatch!r}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    dev = resolve_device(device)
+    model, meta = load_model(model_dir, dev)
+    table, skipped_rows = load_table(data, default_polarity=-1)
+    if table.empty:
+        raise HolonsError(f"{data}: no chromosome images to predict")
+    ds = KaryotypeDataset(table, stain=meta["stain"], canvas=meta["canvas"], size=meta["source_size"],
+                          progress=progress)
+    types, pols = predict_dataset(model, ds, meta["head"], dev, batch_size)
+    probs = types.numpy().astype(np.float64)
+    t = ds.table
+    frame = pd.DataFrame({
+        "path": t["path"], "case_id": t["case_id"], "pred_class_1to24": probs.argmax(1) + 1,
+        "pred_polarity": pols.numpy().argmax(1), "p_top": probs.max(1).round(5),
+        "dispatched_class_1to24": 0, "p_polarity": pols.numpy().max(1).round(5),
+    })
+    if (t["label"] >= 0).any():
+        frame["true_class_1to24"] = t["label"].where(t["label"] >= 0, -1) + 1
+    out = Path(out)
+    (out / CASES).mkdir(parents=True, exist_ok=True)
+    with_warnings = 0
+    for case, idx in t.groupby("case_id", sort=True).indices.items():
+        result = dispatch_case(probs[idx], dispatch)
+        frame.loc[idx, "dispatched_class_1to24"] = result.labels + 1
+        record = {"case_id": str(case), "chromosomes": int(len(idx)), "dispatch": dispatch,
+                  **result.to_json()}
+        for change in record["changed"]:
+            change["path"] = str(t["path"].iloc[idx[change.pop("index")]])
+        with_warnings += bool(result.warnings)
+        with atomic_write(out / CASES / case_file_name(case), "w") as f:
+            json.dump(record, f, indent=2)
+    with atomic_write(out / PREDICTIONS, "w") as f:
+        frame.to_csv(f, index=False)
+    data_path = Path(data).resolve()
+    info = {
+        "model": str(Path(model_dir).resolve()), "data": str(data_path),
+        "data_root": str(data_path if data_path.is_dir() else data_path.parent), "stain": meta["stain"],
+        "canvas": meta["canvas"], "shrunk_to_fit_canvas": ds.report.shrunk, "head": meta["head"],
+        "dispatch": dispatch,
+        "unreadable": [{"path": p, "reason": r} for p, r in ds.report.skipped], "skipped_rows": skipped_rows,
+    }
+    with atomic_write(out / INFO, "w") as f:
+        json.dump(info, f, indent=2)
+    return {"chromosomes": len(frame), "cases": int(t["case_id"].nunique()),
+            "skipped": len(ds.report.skipped),
+            "cases_with_warnings": with_warnings}
+
+
+def read_predictions(folder: str | Path) -> tuple[pd.DataFrame, dict]:
+    """``predictions.csv`` and ``predict_info.json`` of a predict folder."""
+    folder = Path(folder)
+    if not (folder / PREDICTIONS).is_file() or not (folder / INFO).is_file():
+        raise HolonsError(f"{folder} has no {PREDICTIONS} / {INFO} (run `holons karyotype predict` first)")
+    frame = pd.read_csv(folder / PREDICTIONS, dtype={"case_id": str})
+    return frame, json.loads((folder / INFO).read_text())

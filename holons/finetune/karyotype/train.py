@@ -1,0 +1,496 @@
+"""The four-step Varifocal schedule, each step resumable from atomic checkpoints.
+
+Steps (phases, in order; a phase with 0 epochs is skipped):
+
+1. ``gnet``: G-Net backbone + type and polarity heads, CE(type) + w * CE(polarity).
+2. ``localizer``: the localizer alone, smooth-L1 to the centred square covering the chromosome.
+3. ``lnet_r`` / ``locrefine_r`` for r = 1..rounds: the L-Net on the zoomed crop with the localizer
+   frozen, then the localizer from the L-Net's loss with the L-Net frozen (gradient through the
+   soft box mask).
+4. ``fusion``: the two fusion MLPs on the concatenated (frozen) G and L features.
+
+Every phase has its own Adam (lr, x gamma every ``lr_step_epochs`` epochs). After each epoch the
+whole state (weights, optimizer, scheduler, epochs done) is written atomically to
+``checkpoints/<phase>.pt`` (tensors and primitives only). Shuffling and augmentation draw from
+generators seeded by (seed, phase, epoch), so a resumed run repeats what an uninterrupted one
+would have done. Frozen modules run in eval mode (BatchNorm statistics stay put).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from holons.config import save_config, to_dict
+from holons.errors import HolonsError
+from holons.files import atomic_write
+from holons.finetune.karyotype.config import KaryotypeConfig
+from holons.finetune.karyotype.data import (
+    KaryotypeDataset,
+    assign_splits,
+    choose_canvas,
+    load_table,
+    random_flips,
+)
+from holons.finetune.karyotype.model import VarifocalNet, box_targets
+
+log = logging.getLogger("holons.karyotype")
+MODEL_DIR = "model"
+META_FILE = "karyotype.json"
+WEIGHTS_FILE = "model.safetensors"
+FOREGROUND_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    epochs: int
+    trains: tuple[str, ...]
+    """Module attribute names whose parameters this phase updates."""
+    loss: str
+    """``g``, ``box``, ``l`` or ``fusion``."""
+
+
+def schedule(cfg: KaryotypeConfig) -> list[Phase]:
+    """The phases of ``cfg`` in order (see the module doc), empty ones dropped."""
+    t, variant = cfg.train, cfg.model.variant
+    phases = [Phase("gnet", t.gnet_epochs, ("g_backbone", "g_type", "g_polarity"), "g")]
+    if variant == "varifocal":
+        phases.append(Phase("localizer", t.localizer_epochs, ("localizer",), "box"))
+    if variant != "g_only":
+        for r in range(1, t.lnet_rounds + 1):
+            phases.append(Phase(f"lnet_{r}", t.lnet_epochs, ("l_backbone", "l_type", "l_polarity"), "l"))
+            if variant == "varifocal":
+                phases.append(Phase(f"locrefine_{r}", t.localizer_refine_epochs, ("localizer",), "l"))
+        phases.append(Phase("fusion", t.fusion_epochs, ("fusion_type", "fusion_polarity"), "fusion"))
+    return [p for p in phases if p.epochs > 0]
+
+
+def final_head(cfg: KaryotypeConfig) -> str:
+    """The head whose predictions the trained model reports: fusion, else L-Net, else G-Net."""
+    names = {p.name.split("_")[0] for p in schedule(cfg)}
+    if "fusion" in names:
+        return "fusion"
+    return "l" if "lnet" in names else "g"
+
+
+# --------------------------------------------------------------------------- losses
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None):
+    """Mean CE against probability targets; rows with ``weight == 0`` do not count."""
+    per = -(target * F.log_softmax(logits, dim=1)).sum(1)
+    if weight is None:
+        return per.mean()
+    return (per * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def chromosome_cutmix(images: torch.Tensor, labels: torch.Tensor, polarity: torch.Tensor,
+                      generator: torch.Generator, prob: float, alpha: float):
+    """CutMix with foreground-area label mixing: lambda = share of the mixed image's foreground
+    (pixels > threshold) that comes from the image itself, not the pasted area.
+
+    Returns images, type targets (N x 24), polarity targets (N x 2), polarity weights (0 where a
+    polarity involved is unknown). Uses :mod:`holons.anatomy.mixing`.
+    """
+    from holons.anatomy.mixing import box_masks, cutmix, foreground_lambda
+
+    n, _, h, w = images.shape
+    mixed = cutmix(images, generator=generator, prob=prob, alpha=alpha)
+    paste = box_masks(mixed.boxes, (h, w))
+    partner_images = images[mixed.partner]
+    lam = foreground_lambda(images, partner_images, paste, threshold=FOREGROUND_THRESHOLD)
+    lam = torch.where(mixed.applied, lam, torch.ones_like(lam))[:, None]
+    type_t = lam * F.one_hot(labels, 24).float() + (1 - lam) * F.one_hot(labels[mixed.partner], 24).float()
+    known = (polarity >= 0) & ((polarity[mixed.partner] >= 0) | ~mixed.applied)
+    pa = F.one_hot(polarity.clamp_min(0), 2).float()
+    pol_t = lam * pa + (1 - lam) * pa[mixed.partner]
+    return mixed.images, type_t, pol_t, known.float()
+
+
+def _targets(labels, polarity):
+    return F.one_hot(labels, 24).float(), F.one_hot(polarity.clamp_min(0), 2).float(), (polarity >= 0).float()
+
+
+def phase_loss(model: VarifocalNet, phase: Phase, images, labels, polarity, cfg: KaryotypeConfig,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """The loss of one batch for ``phase`` (CutMix applied to CE phases when configured)."""
+    w = cfg.train.polarity_weight
+    if phase.loss == "box":
+        out = model(images, ("box",))
+        return F.smooth_l1_loss(out["box"], box_targets(images, FOREGROUND_THRESHOLD), beta=0.05)
+    if generator is not None and cfg.train.cutmix_prob > 0 and phase.name != "fusion" \
+            and not phase.name.startswith("locrefine"):
+        images, type_t, pol_t, pol_w = chromosome_cutmix(images, labels, polarity, generator,
+                                                         cfg.train.cutmix_prob, cfg.train.cutmix_alpha)
+    else:
+        type_t, pol_t, pol_w = _targets(labels, polarity)
+    parts = {"g": ("g",), "l": ("l",), "fusion": ("fusion",)}[phase.loss]
+    out = model(images, parts)
+    key_t, key_p = {"g": ("g_type", "g_polarity"), "l": ("l_type", "l_polarity"),
+                    "fusion": ("type", "polarity")}[phase.loss]
+    return soft_cross_entropy(out[key_t], type_t) + w * soft_cross_entropy(out[key_p], pol_t, pol_w)
+
+
+# --------------------------------------------------------------------------- run dir
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise HolonsError(f"unknown device {name!r}") from e
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """A fresh or resumable run folder; a non-empty one is refused without resume/overwrite."""
+    if resume and overwrite:
+        raise HolonsError("choose either --resume or --overwrite, not both")
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not resume:
+            raise HolonsError(f"run folder {out} is not empty; pass --resume to continue it or --overwrite")
+    elif resume:
+        raise HolonsError(f"nothing to resume in {out}")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def _set_trainable(model: VarifocalNet, phase: Phase) -> list[torch.nn.Parameter]:
+    params = []
+    for name, module in model.named_children():
+        on = name in phase.trains
+        module.train(on)
+        for p in module.parameters():
+            p.requires_grad_(on)
+        if on:
+            params.extend(module.parameters())
+    return params
+
+
+def _refine_guard(model: VarifocalNet, phase: Phase, val: KaryotypeDataset, device, cfg: KaryotypeConfig,
+                  state: dict | None) -> dict | None:
+    """For a localizer refinement with ``refine_keep_if_better``: the L-Net's validation accuracy
+    and the localizer weights before it, so a refinement that lowers the accuracy is undone."""
+    if not (phase.name.startswith("locrefine") and cfg.train.refine_keep_if_better and len(val)):
+        return None
+    if state is not None and "guard_baseline" in state:
+        return {"baseline": float(state["guard_baseline"]), "localizer": state["guard_localizer"]}
+    baseline = _validate(model, phase, val, device, cfg)["val_type_acc"]
+    log.info("%s: L-Net validation type accuracy before refinement %.4f", phase.name, baseline)
+    return {"baseline": baseline,
+            "localizer": {k: v.detach().clone() for k, v in model.localizer.state_dict().items()}}
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, phase: Phase, epochs_done: int,
+                     cfg: KaryotypeConfig, canvas: int, guard: dict | None = None) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "phase": phase.name, "epochs_done": epochs_done, "done": epochs_done >= phase.epochs,
+        "config": to_dict(cfg), "canvas": canvas, "torch": str(torch.__version__),
+    }
+    if guard is not None:
+        state["guard_baseline"], state["guard_localizer"] = guard["baseline"], guard["localizer"]
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: the user must see which one
+        raise HolonsError(f"cannot load checkpoint {path}: {type(e).__name__}") from e
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class PreparedData:
+    train: KaryotypeDataset
+    val: KaryotypeDataset
+    test: KaryotypeDataset
+    canvas: int
+    skipped: dict
+
+
+def prepare_data(cfg: KaryotypeConfig, manifest: str | Path, progress: bool = False) -> PreparedData:
+    """Read the manifest, split by group, choose the canvas on the training rows, preload."""
+    d = cfg.data
+    table, skipped = load_table(manifest, default_polarity=d.default_polarity)
+    table = table[table["label"] >= 0].reset_index(drop=True)
+    if table.empty:
+        raise HolonsError(f"{manifest}: no labelled chromosomes to train on")
+    table["split"] = assign_splits(table["group"], test_fraction=d.test_fraction, val_fraction=d.val_fraction,
+                                   seed=d.split_seed, folds=d.folds, fold=d.fold)
+    if d.max_train_cases:
+        cases = np.unique(table.loc[table["split"] == "train", "case_id"])
+        keep = set(np.random.default_rng([d.split_seed, 0xCA5E]).permutation(cases)[: d.max_train_cases])
+        table = table[(table["split"] != "train") | table["case_id"].isin(keep)].reset_index(drop=True)
+    train_rows = table[table["split"] == "train"]
+    canvas = d.canvas or choose_canvas(*_sizes(train_rows))
+    size = d.source_size
+
+    def ds(name: str) -> KaryotypeDataset:
+        return KaryotypeDataset(table[table["split"] == name].reset_index(drop=True), stain=d.stain,
+                                canvas=canvas, size=size, progress=progress)
+
+    data = PreparedData(ds("train"), ds("val"), ds("test"), canvas, skipped)
+    if len(data.train) < 2:
+        raise HolonsError("fewer than 2 training chromosomes after the split")
+    for part in (data.train, data.val, data.test):
+        for _, reason in part.report.skipped:
+            data.skipped[reason] = data.skipped.get(reason, 0) + 1
+    return data
+
+
+def _sizes(rows) -> tuple[list[float], list[float]]:
+    if {"height", "width"} <= set(rows.columns) and rows[["height", "width"]].notna().all().all():
+        return rows["height"].tolist(), rows["width"].tolist()
+    from PIL import Image
+
+    hs, ws = [], []
+    for f in rows["file"]:
+        try:
+            with Image.open(f) as im:
+                ws.append(im.width)
+                hs.append(im.height)
+        except OSError:
+            continue
+    return hs, ws
+
+
+# --------------------------------------------------------------------------- loop
+def _batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return [order[i:i + batch] for i in range(0, n, batch) if len(order[i:i + batch]) >= 2]
+
+
+@torch.no_grad()
+def predict_dataset(model: VarifocalNet, dataset: KaryotypeDataset, head: str, device: torch.device,
+                    batch_size: int = 256, flip_mask: torch.Tensor | None = None):
+    """Type probabilities (N x 24) and polarity probabilities (N x 2); optional vertical flips."""
+    model.eval()
+    types, pols = [], []
+    for i in range(0, len(dataset), batch_size):
+        x = dataset.images[i:i + batch_size].float().div_(255.0)
+        if flip_mask is not None:
+            m = flip_mask[i:i + batch_size]
+            x = torch.where(m[:, None, None, None], x.flip(-2), x)
+        t, p = model.predict_logits(x.to(device), head)
+        types.append(t.softmax(1).cpu())
+        pols.append(p.softmax(1).cpu())
+    if not types:
+        return torch.zeros(0, 24), torch.zeros(0, 2)
+    return torch.cat(types), torch.cat(pols)
+
+
+def _head_of(phase: Phase) -> str | None:
+    return {"g": "g", "l": "l", "fusion": "fusion"}.get(phase.loss)
+
+
+def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path, *, resume: bool = False,
+                    overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Train the configured model on ``manifest``, save it to ``out/model``, evaluate on the test split.
+
+    Returns the evaluation summary (also in ``out/eval/metrics.json``).
+    """
+    import sys
+
+    from tqdm import tqdm
+
+    from holons.finetune.karyotype.evaluate import evaluate_split
+
+    out = Path(out)
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = resolve_device(cfg.train.device)
+        _check_resumed_config(cfg, out / "config.yaml", resume)
+        save_config(cfg, out / "config.yaml")
+        t0 = time.perf_counter()
+        data = prepare_data(cfg, manifest, progress=progress)
+        log.info("data: train %d, val %d, test %d chromosomes; canvas %d px; skipped %s (%.0f s)",
+                 len(data.train), len(data.val), len(data.test), data.canvas, data.skipped,
+                 time.perf_counter() - t0)
+        _write_split(out / "split.csv", data)
+        torch.manual_seed(cfg.train.seed)
+        model = VarifocalNet(cfg.model, cfg.data.input_size).to(device)
+        phases = schedule(cfg)
+        ckpt_dir = out / "checkpoints"
+        for index, phase in enumerate(phases):
+            path = ckpt_dir / f"{phase.name}.pt"
+            state = _load_checkpoint(path) if path.exists() else None
+            if state is not None and state["done"]:
+                model.load_state_dict(state["model"])
+                continue
+            params = _set_trainable(model, phase)
+            refine = phase.name.startswith("locrefine")
+            lr = cfg.train.lr * (cfg.train.localizer_refine_lr_scale if refine else 1.0)
+            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.train.weight_decay)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_step_epochs,
+                                                        cfg.train.lr_gamma)
+            start = 0
+            if state is not None:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                start = int(state["epochs_done"])
+                log.info("resume %s at epoch %d", phase.name, start)
+            guard = _refine_guard(model, phase, data.val, device, cfg, state)
+            for epoch in range(start, phase.epochs):
+                _set_trainable(model, phase)
+                te = time.perf_counter()
+                gen = torch.Generator().manual_seed(int(cfg.train.seed * 1_000_003 + index * 1009 + epoch))
+                total, count = 0.0, 0
+                batches = _batches(len(data.train), cfg.train.batch_size, gen)
+                for idx in tqdm(batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", leave=False,
+                                disable=not progress):
+                    x = data.train.images[idx].float().div_(255.0)
+                    x, pol = random_flips(x, data.train.polarity[idx], gen, cfg.train.hflip)
+                    loss = phase_loss(model, phase, x.to(device), data.train.labels[idx].to(device),
+                                      pol.to(device), cfg, gen)
+                    if not torch.isfinite(loss):
+                        raise HolonsError(f"{phase.name}: loss became {loss.item()} at epoch {epoch + 1}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item() * len(idx)
+                    count += len(idx)
+                    if len(batches) >= 200 and (count // len(idx)) % 100 == 0:
+                        log.info("%s epoch %d: %d/%d chromosomes, loss %.4f, %.0f s", phase.name, epoch + 1,
+                                 count, len(data.train), total / count, time.perf_counter() - te)
+                scheduler.step()
+                record = {"phase": phase.name, "epoch": epoch + 1, "loss": total / max(count, 1),
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "seconds": round(time.perf_counter() - te, 2)}
+                every = cfg.train.val_every
+                if epoch + 1 == phase.epochs or (every and (epoch + 1) % every == 0) or guard:
+                    record.update(_validate(model, phase, data.val, device, cfg))
+                if guard and epoch + 1 == phase.epochs and record["val_type_acc"] < guard["baseline"]:
+                    model.localizer.load_state_dict(guard["localizer"])
+                    record["reverted_to_val_type_acc"] = guard["baseline"]
+                _append_jsonl(out / "metrics.jsonl", record)
+                log.info(json.dumps(record))
+                _save_checkpoint(path, model, optimizer, scheduler, phase, epoch + 1, cfg, data.canvas, guard)
+        head = final_head(cfg)
+        save_model(model, cfg, data.canvas, head, out / MODEL_DIR)
+        summary = evaluate_split(model, data.test, head, device, out / "eval", dispatch=cfg.dispatch,
+                                 seed=cfg.data.split_seed, batch_size=cfg.train.eval_batch_size)
+        summary.update({"train_chromosomes": len(data.train), "val_chromosomes": len(data.val),
+                        "canvas": data.canvas, "skipped": data.skipped,
+                        "train_seconds": round(time.perf_counter() - t0, 1)})
+        with atomic_write(out / "eval" / "metrics.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        log.info("test: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+        return summary
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _validate(model, phase: Phase, val: KaryotypeDataset, device, cfg: KaryotypeConfig) -> dict:
+    if len(val) == 0:
+        return {}
+    if phase.loss == "box":
+        model.eval()
+        with torch.no_grad():
+            boxes = []
+            for i in range(0, len(val), cfg.train.eval_batch_size):
+                x = val.images[i:i + cfg.train.eval_batch_size].float().div_(255.0).to(device)
+                boxes.append(F.l1_loss(model(x, ("box",))["box"], box_targets(x, FOREGROUND_THRESHOLD),
+                                       reduction="sum").item())
+        return {"val_box_l1": sum(boxes) / (3 * len(val))}
+    flips = torch.rand(len(val), generator=torch.Generator().manual_seed(cfg.data.split_seed)) < 0.5
+    types, pols = predict_dataset(model, val, _head_of(phase), device, cfg.train.eval_batch_size, flips)
+    pol = torch.where(flips & (val.polarity >= 0), 1 - val.polarity, val.polarity)
+    known = pol >= 0
+    pol_acc = float((pols.argmax(1)[known] == pol[known]).float().mean()) if known.any() else None
+    type_acc = float((types.argmax(1) == val.labels).float().mean())
+    return {"val_type_acc": type_acc, "val_polarity_acc": pol_acc}
+
+
+def _check_resumed_config(cfg: KaryotypeConfig, saved: Path, resume: bool) -> None:
+    """A resumed run must use the configuration it was started with (keys the saved config does
+    not know, added to holons since, take their defaults)."""
+    import yaml
+
+    if not (resume and saved.is_file()):
+        return
+    before = yaml.safe_load(saved.read_text())
+    now = to_dict(cfg)
+    saved = {f"{s}.{k}": v for s, sec in before.items() if isinstance(sec, dict) for k, v in sec.items()}
+    saved.update({k: v for k, v in before.items() if not isinstance(v, dict)})
+    current = {f"{s}.{k}": v for s, sec in now.items() if isinstance(sec, dict) for k, v in sec.items()}
+    current.update({k: v for k, v in now.items() if not isinstance(v, dict)})
+    changed = sorted(k for k in saved if k in current and saved[k] != current[k])
+    if changed:
+        raise HolonsError(f"--resume with a different config than the run's ({', '.join(changed)}); "
+                          "start a new run folder instead")
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_split(path: Path, data: PreparedData) -> None:
+    import pandas as pd
+
+    rows = [part.table.assign(split=name)[["path", "case_id", "group", "split"]]
+            for name, part in (("train", data.train), ("val", data.val), ("test", data.test))]
+    with atomic_write(path, "w") as f:
+        pd.concat(rows).to_csv(f, index=False)
+
+
+# --------------------------------------------------------------------------- model folder
+def save_model(model: VarifocalNet, cfg: KaryotypeConfig, canvas: int, head: str, folder: Path) -> None:
+    """``model.safetensors`` + ``karyotype.json`` (config, canvas, stain, sizes, head)."""
+    from safetensors.torch import save_file
+
+    from holons.files import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(folder / WEIGHTS_FILE)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    meta = {"format": "holons-karyotype/1", "config": to_dict(cfg), "canvas": canvas,
+            "stain": cfg.data.stain, "input_size": cfg.data.input_size, "source_size": cfg.data.source_size,
+            "head": head, "classes": [str(k) for k in range(1, 23)] + ["X", "Y"],
+            "torch": str(torch.__version__), "python": platform.python_version()}
+    with atomic_write(folder / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VarifocalNet, dict]:
+    """Load a model folder written by :func:`save_model` (``folder`` may also be the run dir)."""
+    from safetensors.torch import load_file
+
+    from holons.config import load_config
+
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file() and (folder / MODEL_DIR / META_FILE).is_file():
+        folder = folder / MODEL_DIR
+    if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise HolonsError(f"{folder} is not a karyotype model folder (needs {META_FILE} and {WEIGHTS_FILE})")
+    meta = json.loads((folder / META_FILE).read_text())
+    cfg = load_config(KaryotypeConfig, None, meta["config"])
+    cfg.model.g_pretrained_dir = cfg.model.l_pretrained_dir = None  # the weights come from the folder
+    model = VarifocalNet(cfg.model, meta["input_size"])
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.to(device).eval(), meta
