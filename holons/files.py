@@ -12,6 +12,17 @@ from typing import IO
 DATA_ENV = "HOLONS_DATA"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode() -> int:
+    """The permissions a plain ``open()`` would give (mkstemp makes owner-only files)."""
+    return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file next to ``path``; rename it over ``path`` only if the block succeeds.
@@ -22,6 +33,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -38,6 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _default_mode())
     os.close(fd)
     return Path(tmp)
 

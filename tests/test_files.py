@@ -19,3 +19,14 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     with atomic_write(target, "w") as f:
         f.write("new")
     assert target.read_text() == "new"
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "b.txt"
+    with atomic_write(target, "w") as f:
+        f.write("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,0 +1,700 @@
+"""Side-by-side comparison of foundation weights, written as one report folder.
+
+``compare({"random": "random", "dino": DIR, "adamv2": DIR}, data, out)`` runs zero-shot
+correspondence and few-shot segmentation (and, when asked, classification of the phantom
+findings) for every weight set and seed, then writes::
+
+    OUT/report.md        tables (mean ± sample standard deviation over seeds) and the plots
+    OUT/summary.json     every aggregated number (mean, sd, 95 % interval, per-seed values)
+    OUT/metrics.csv      one row per weight set, protocol, metric, setting and seed
+    OUT/plots/*.png      bars with 95 % intervals, correspondence examples, pretraining loss
+                         curves, part-whole cosine distributions
+    OUT/runs/<name>/<protocol>/seed_<s>/   each protocol's own results.json and CSVs
+
+Random init always takes part (added when not given). Each seed is one evaluation run: it
+chooses the correspondence pairs, the few-shot support images and decoder initialization, the
+classification label subsets, and the initialization of random weights. A run whose results
+exist for the same weights (content hash) and settings is reused, so an interrupted comparison
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from scipy import stats
+
+from holons.errors import ConfigError
+from holons.eval.classify import run_classification
+from holons.eval.correspondence import run_correspondence
+from holons.eval.features import RANDOM, resolve_device
+from holons.eval.fewshot_seg import run_fewshot_segmentation
+from holons.eval.landmark_data import load_annotated
+from holons.eval.results import format_table, json_safe
+from holons.files import atomic_path, atomic_write
+
+__all__ = [
+    "PROTOCOLS", "DEFAULT_SETTINGS", "FAST_SETTINGS", "WeightSet", "parse_weight_specs",
+    "resolve_weight_sets", "weights_fingerprint", "aggregate", "read_loss_curves", "plot_bars",
+    "plot_correspondence_examples", "plot_loss_curves", "plot_part_whole", "compare", "format_headline",
+]
+
+PROTOCOLS = ("correspondence", "fewshot-seg", "classify")
+# Sized for small CPU models on the phantoms (3 weight sets x 3 seeds in about 3 minutes on 2 cores):
+# matching on the last two feature stages at 128 px, one few-shot size. Larger studies pass settings.
+DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
+    "correspondence": {"size": 128, "pairs": 10, "radii": (10.0, 20.0, 40.0), "random_wholes": 1,
+                       "stages": 2},
+    "fewshot-seg": {"shots": (6,), "modes": ("frozen",), "size": 96, "steps": 40, "batch_size": 8},
+    "classify": {"protocols": ("knn", "linear"), "fractions": (0.1, 1.0), "size": 128, "n_boot": 200},
+}
+FAST_SETTINGS: dict[str, dict[str, Any]] = {
+    "correspondence": {"size": 64, "pairs": 3, "radii": (10.0, 20.0, 40.0), "random_wholes": 0, "stages": 1},
+    "fewshot-seg": {"shots": (2,), "modes": ("frozen",), "size": 32, "steps": 3, "batch_size": 4,
+                    "max_eval": 3},
+    "classify": {"protocols": ("knn",), "fractions": (1.0,), "size": 32, "n_boot": 20},
+}
+_TITLES = {"correspondence": "Zero-shot landmark correspondence", "fewshot-seg": "Few-shot segmentation",
+           "classify": "Classification"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_LOSS_TERMS = ("loss", "loss_loc", "loss_comp", "loss_dec")
+
+
+# --------------------------------------------------------------------------- weight sets
+@dataclass(frozen=True)
+class WeightSet:
+    """One compared model: a name (folder-safe), its weights (exported folder or "random"), and the
+    pretraining run dir whose ``metrics.jsonl`` gives its loss curves (None when unknown)."""
+
+    name: str
+    weights: str
+    run_dir: Path | None = None
+
+
+def _recorded(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def parse_weight_specs(specs: Sequence[str]) -> dict[str, str]:
+    """``["random", "dino=runs/dino/exported", ...]`` -> ``{name: weights}``. A bare folder is named after
+    the method recorded in its ``config.json`` (else the folder name); a bare ``random`` is ``random``."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            value = spec
+            if spec == RANDOM:
+                name = RANDOM
+            else:
+                folder = Path(spec)
+                name = str(_recorded(folder).get("holons", {}).get("method") or folder.resolve().name)
+        if name in out:
+            raise ConfigError(f"two weight sets are named {name!r}; name them NAME=DIR")
+        out[name] = value
+    return out
+
+
+def weights_fingerprint(weights: str | Path) -> str:
+    """``"random"``, or a SHA-256 prefix of the exported folder's config.json and model.safetensors."""
+    if str(weights) == RANDOM:
+        return RANDOM
+    folder = Path(weights)
+    digest = hashlib.sha256()
+    try:
+        for name in ("config.json", "model.safetensors"):
+            with open(folder / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    except OSError as e:
+        raise ConfigError(f"{folder} is not an exported foundation folder (needs model.safetensors and "
+                          f"config.json), nor 'random': {e.strerror}") from e
+    return digest.hexdigest()[:16]
+
+
+def resolve_weight_sets(weights: Mapping[str, str | Path], runs: Mapping[str, str | Path] | None = None,
+                        arch: str | None = None) -> tuple[list[WeightSet], str]:
+    """The weight sets to compare (random init first, added when missing) and the architecture.
+
+    The architecture is ``arch`` or the one recorded in the exported folders, which must agree (the
+    comparison holds the backbone fixed). A folder ``RUN/exported`` finds its run dir by itself.
+    """
+    runs = dict(runs or {})
+    unknown = sorted(set(runs) - set(weights))
+    if unknown:
+        raise ConfigError(f"--runs names {unknown[0]!r}, which is not among the --weights names")
+    sets, archs = [], {}
+    for name, w in weights.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"weight set name {name!r}: use letters, digits, '_', '-' or '.'")
+        w = str(w)
+        run = Path(runs[name]) if name in runs else None
+        if w != RANDOM:
+            weights_fingerprint(w)  # a clear error for a folder that is not an export
+            recorded = _recorded(Path(w)).get("architecture")
+            if recorded:
+                archs[name] = str(recorded)
+            parent = Path(w).resolve().parent
+            if run is None and (parent / "metrics.jsonl").is_file():
+                run = parent
+        if run is not None and not (run / "metrics.jsonl").is_file():
+            raise ConfigError(f"run dir {run} of {name!r} has no metrics.jsonl")
+        sets.append(WeightSet(name, w, run))
+    if not sets:
+        raise ConfigError("compare needs at least one weight set")
+    distinct = set(archs.values()) | ({arch} if arch else set())
+    if len(distinct) > 1:
+        raise ConfigError(f"the weight sets hold different architectures ({', '.join(sorted(distinct))}); "
+                          "a comparison holds the backbone fixed")
+    if not distinct:
+        raise ConfigError("random weights need --arch NAME (a timm model, e.g. convnext_atto)")
+    if not any(s.weights == RANDOM for s in sets):
+        if RANDOM in weights:
+            raise ConfigError("the name 'random' is kept for random init")
+        sets.insert(0, WeightSet(RANDOM, RANDOM))
+    sets.sort(key=lambda s: s.weights != RANDOM)  # random init first, the rest as given
+    return sets, distinct.pop()
+
+
+# --------------------------------------------------------------------------- running the protocols
+def _cached_run(folder: Path, request: dict, run: Callable[[Path], dict]) -> tuple[dict, bool]:
+    """Results of ``run(folder)``, reused when ``folder`` holds results made for the same ``request``."""
+    request = json_safe(request)
+    req_file, res_file = folder / "request.json", folder / "results.json"
+    if req_file.is_file() and res_file.is_file():
+        try:
+            if json.loads(req_file.read_text()) == request:
+                return json.loads(res_file.read_text()), True
+        except ValueError:
+            pass
+    req_file.unlink(missing_ok=True)
+    run(folder)
+    with atomic_write(req_file, "w") as f:
+        json.dump(request, f, indent=2)
+    return json.loads(res_file.read_text()), False
+
+
+def _correspondence_records(s: dict) -> list[tuple[str, str, float | None, bool]]:
+    """(metric, setting, value, higher is better) rows of one correspondence result."""
+    o = s["overall"]
+    rows = [("mean error (px)", "all landmarks", o["mean_px"], False)]
+    rows += [("mean error (px)", k, m["mean_px"], False) for k, m in s["per_structure"].items()]
+    rows.append(("median error (px)", "all landmarks", o["median_px"], False))
+    rows += [("PCK (%)", f"r = {k.removeprefix('pck@')} px", v, True)
+             for k, v in o.items() if k.startswith("pck@")]
+    rows += [("part-whole cosine (median)", f"{kind} wholes", m["median"], True)
+             for kind, m in s.get("part_whole", {}).items()]
+    return rows
+
+
+def _fewshot_records(s: dict) -> list[tuple[str, str, float | None, bool]]:
+    rows = []
+    for mode, by_n in s["dice"].items():
+        for n, d in by_n.items():
+            rows += [(f"Dice, {mode}, {n} shots", col, d[col]["mean"], True)
+                     for col in ("heart", "lungs", "clavicles", "mean") if col in d]
+    return rows
+
+
+def _classify_records(s: dict) -> list[tuple[str, str, float | None, bool]]:
+    rows = []
+    for protocol, by_f in s["results"].items():
+        for fraction, by_task in by_f.items():
+            for task, m in by_task.items():
+                rows.append((f"AUC, {protocol}", f"{task}, {fraction} of labels", m.get("auc"), True))
+                if s.get("single_label"):
+                    rows.append((f"accuracy, {protocol}", f"{task}, {fraction} of labels", m.get("accuracy"),
+                                 True))
+    return rows
+
+
+_RUNNERS: dict[str, tuple[Callable[..., dict], Callable[[dict], list]]] = {
+    "correspondence": (run_correspondence, _correspondence_records),
+    "fewshot-seg": (run_fewshot_segmentation, _fewshot_records),
+    "classify": (run_classification, _classify_records),
+}
+
+
+def _protocol_kwargs(protocol: str, settings: dict, seed: int) -> dict:
+    kw = dict(settings)
+    if protocol == "correspondence":
+        kw["seed"] = seed
+    else:
+        kw["seeds"] = (seed,)
+    return kw
+
+
+# --------------------------------------------------------------------------- aggregation
+def aggregate(records: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per (protocol, metric, setting, method): n seeds, mean, sample sd, a t-interval of the mean
+    (NaN with one seed) and the per-seed values. Undefined values (NaN) are left out. Input order is kept."""
+    rows = []
+    keys = ["protocol", "metric", "setting", "method"]
+    for key, g in records.groupby(keys, sort=False):
+        v = g["value"].to_numpy(dtype=np.float64)
+        v = v[np.isfinite(v)]
+        n = len(v)
+        mean = float(v.mean()) if n else math.nan
+        sd = float(v.std(ddof=1)) if n > 1 else (0.0 if n == 1 else math.nan)
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+        rows.append({**dict(zip(keys, key, strict=True)), "n": n, "mean": mean, "sd": sd,
+                     "ci_lo": mean - half, "ci_hi": mean + half,
+                     "higher_is_better": bool(g["higher_is_better"].iloc[0]),
+                     "per_seed": [float(x) for x in g["value"]]})
+    return pd.DataFrame(rows, columns=[*keys, "n", "mean", "sd", "ci_lo", "ci_hi", "higher_is_better",
+                                       "per_seed"])
+
+
+def read_loss_curves(run_dir: str | Path) -> pd.DataFrame:
+    """The loss terms of a run's ``metrics.jsonl`` (columns ``step`` and the terms present); lines that
+    are not JSON (e.g. cut by a kill) are skipped."""
+    rows = []
+    path = Path(run_dir) / "metrics.jsonl"
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                rows.append({k: rec.get(k) for k in ("step", "stage", *_LOSS_TERMS) if k in rec})
+    frame = pd.DataFrame(rows)
+    return frame.apply(pd.to_numeric, errors="coerce") if len(frame) else frame
+
+
+# --------------------------------------------------------------------------- plots
+def _colors(names: Sequence[str]) -> dict[str, str]:
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    out, k = {}, 0
+    for n in names:
+        if n == RANDOM:
+            out[n] = "#8c8c8c"
+        else:
+            out[n] = palette[k % len(palette)]
+            k += 1
+    return out
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    tmp = atomic_path(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _grid(n_panels: int, ncols: int, w: float, h: float) -> tuple[Figure, list]:
+    ncols = max(1, min(ncols, n_panels))
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(n_panels)]
+    return fig, axes
+
+
+def _bounds(metric: str) -> tuple[float, float]:
+    """The range a metric can take, to clip the drawn intervals (a t-interval over few seeds can leave it)."""
+    if "(%)" in metric:
+        return 0.0, 100.0
+    if "cosine" in metric:
+        return -1.0, 1.0
+    if "(px)" in metric:
+        return 0.0, math.inf
+    return 0.0, 1.0  # Dice, AUC, accuracy
+
+
+def plot_bars(table: pd.DataFrame, protocol: str, methods: Sequence[str], path: Path) -> Path | None:
+    """One panel per metric, settings on the x axis, one bar per method with its 95 % interval over
+    seeds and the per-seed values as dots."""
+    block = table[table["protocol"] == protocol]
+    if block.empty:
+        return None
+    metrics = list(dict.fromkeys(block["metric"]))
+    colors = _colors(methods)
+    fig, axes = _grid(len(metrics), 3, 5.2, 3.6)
+    width = 0.8 / len(methods)
+    for ax, metric in zip(axes, metrics, strict=True):
+        sub = block[block["metric"] == metric]
+        settings = list(dict.fromkeys(sub["setting"]))
+        for j, m in enumerate(methods):
+            for i, s in enumerate(settings):
+                row = sub[(sub["setting"] == s) & (sub["method"] == m)]
+                if row.empty or not math.isfinite(row["mean"].iloc[0]):
+                    continue
+                r = row.iloc[0]
+                x = i + (j - (len(methods) - 1) / 2) * width
+                err = None
+                if math.isfinite(r["ci_lo"]):
+                    lo, hi = _bounds(metric)
+                    err = [[r["mean"] - max(r["ci_lo"], lo)], [min(r["ci_hi"], hi) - r["mean"]]]
+                ax.bar(x, r["mean"], width * 0.9, yerr=err, capsize=3, color=colors[m], edgecolor="black",
+                       linewidth=0.4)
+                seeds = [v for v in r["per_seed"] if math.isfinite(v)]
+                ax.scatter([x] * len(seeds), seeds, s=8, color="black", zorder=3)
+        ax.set_xticks(range(len(settings)))
+        ax.set_xticklabels(settings, rotation=25 if len(settings) > 2 else 0, ha="right" if len(settings) > 2
+                           else "center", fontsize=8)
+        arrow = "higher is better" if sub["higher_is_better"].iloc[0] else "lower is better"
+        ax.set_title(f"{metric} ({arrow})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if not np.isfinite(sub["mean"].to_numpy(dtype=float)).any():
+            ax.text(0.5, 0.5, "undefined for every method\n(e.g. one class in the test split)",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8)
+    fig.legend(handles=[Patch(facecolor=colors[m], edgecolor="black", label=m) for m in methods],
+               loc="outside lower center", ncols=len(methods), fontsize=8)
+    fig.suptitle(f"{_TITLES[protocol]}: mean over seeds, bars = 95 % interval, dots = seeds", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_correspondence_examples(data: str | Path, points: Mapping[str, pd.DataFrame], path: Path,
+                                 max_pairs: int = 2) -> Path | None:
+    """For the first image pairs: the source with its landmarks, then per method the target with the
+    ground truth (green) and the predicted points (red), joined by their error."""
+    frames = {m: p for m, p in points.items() if len(p)}
+    if not frames:
+        return None
+    ds = load_annotated(data)
+    first = next(iter(frames.values()))
+    pairs = list(dict.fromkeys(zip(first["source"].astype(str), first["target"].astype(str),
+                                   strict=True)))[:max_pairs]
+    methods = list(frames)
+    fig = Figure(figsize=(3.0 * (1 + len(methods)), 3.2 * len(pairs)), layout="constrained")
+    for r, (src, tgt) in enumerate(pairs):
+        ax = fig.add_subplot(len(pairs), 1 + len(methods), r * (1 + len(methods)) + 1)
+        ax.imshow(ds.read(src), cmap="gray", vmin=0, vmax=1)
+        for pts in ds.landmarks(src).values():
+            ax.scatter(pts[:, 0], pts[:, 1], s=3, color="#00d0ff")
+        ax.set_title(f"source {src}", fontsize=8)
+        ax.axis("off")
+        target_img = ds.read(tgt)
+        for c, m in enumerate(methods):
+            p = frames[m]
+            p = p[(p["source"].astype(str) == src) & (p["target"].astype(str) == tgt)]
+            ax = fig.add_subplot(len(pairs), 1 + len(methods), r * (1 + len(methods)) + c + 2)
+            ax.imshow(target_img, cmap="gray", vmin=0, vmax=1)
+            for _, q in p.iterrows():
+                ax.plot([q["x_true"], q["x_pred"]], [q["y_true"], q["y_pred"]], color="#ffd000", lw=0.5)
+            ax.scatter(p["x_true"], p["y_true"], s=3, color="#00e000")
+            ax.scatter(p["x_pred"], p["y_pred"], s=3, color="#ff2020", marker="x", linewidths=0.6)
+            err = p["error_px"].mean() if len(p) else math.nan
+            ax.set_title(f"{m}: target {tgt}\nmean error {err:.1f} px", fontsize=8)
+            ax.axis("off")
+    fig.suptitle("Correspondence: source landmarks (cyan) -> predicted (red) vs. true (green) target points",
+                 fontsize=9)
+    return _save(fig, path)
+
+
+def plot_loss_curves(curves: Mapping[str, pd.DataFrame], path: Path, methods: Sequence[str]) -> Path | None:
+    """One panel per loss term, one line per pretraining run."""
+    curves = {m: c for m, c in curves.items() if len(c)}
+    terms = [t for t in _LOSS_TERMS if any(t in c and c[t].notna().any() for c in curves.values())]
+    if not terms:
+        return None
+    colors = _colors(methods)
+    fig, axes = _grid(len(terms), 4, 4.0, 3.0)
+    for ax, term in zip(axes, terms, strict=True):
+        for m, c in curves.items():
+            if term in c and c[term].notna().any():
+                ax.plot(c["step"], c[term], label=m, color=colors.get(m, "black"), lw=1.2)
+                if "stage" in c:  # where the curriculum enters a new stage
+                    for step in c.loc[c["stage"].diff() > 0, "step"]:
+                        ax.axvline(step, color=colors.get(m, "black"), ls=":", lw=0.8)
+        ax.set_title({"loss": "total loss", "loss_loc": "localizability", "loss_comp": "composability",
+                      "loss_dec": "decomposability"}[term], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Pretraining loss terms (metrics.jsonl); dotted: a new curriculum stage", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_part_whole(cosines: Mapping[str, pd.DataFrame], path: Path, methods: Sequence[str]) -> Path | None:
+    """Distribution of cos(E(W), mean E(parts)) per method, one panel per kind of whole."""
+    cosines = {m: c for m, c in cosines.items() if len(c)}
+    if not cosines:
+        return None
+    kinds = list(dict.fromkeys(k for c in cosines.values() for k in c["whole"]))
+    colors = _colors(methods)
+    fig, axes = _grid(len(kinds), 2, 1.4 + 1.3 * len(cosines), 3.4)
+    rng = np.random.default_rng(0)
+    for ax, kind in zip(axes, kinds, strict=True):
+        names = [m for m in cosines if (cosines[m]["whole"] == kind).any()]
+        values = [cosines[m].loc[cosines[m]["whole"] == kind, "cosine"].to_numpy(float) for m in names]
+        box = ax.boxplot(values, patch_artist=True, showfliers=False, widths=0.6)
+        for patch, m in zip(box["boxes"], names, strict=True):
+            patch.set_facecolor(colors.get(m, "white"))
+            patch.set_alpha(0.5)
+        for i, v in enumerate(values):
+            ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, len(v)), v, s=5, color="black", alpha=0.6)
+        ax.set_xticks(range(1, len(names) + 1))
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_title(f"{kind} wholes", fontsize=9)
+        ax.set_ylabel("cosine", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Part-whole consistency: cos(E(whole), mean of E(parts)), all seeds", fontsize=10)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- report
+def _fmt(v: float, metric: str) -> str:
+    if not math.isfinite(v):
+        return "-"
+    return f"{v:.1f}" if "(px)" in metric or "(%)" in metric else f"{v:.3f}"
+
+
+def _markdown_table(table: pd.DataFrame, protocol: str, methods: Sequence[str]) -> str:
+    block = table[table["protocol"] == protocol]
+    lines = ["| metric | setting | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for (metric, setting), g in block.groupby(["metric", "setting"], sort=False):
+        by_m = {r["method"]: r for _, r in g.iterrows()}
+        means = {m: by_m[m]["mean"] for m in methods if m in by_m and math.isfinite(by_m[m]["mean"])}
+        best: set[str] = set()
+        if len(means) > 1 and len({_fmt(v, metric) for v in means.values()}) > 1:
+            top = (max if g["higher_is_better"].iloc[0] else min)(means.values())
+            best = {m for m, v in means.items() if _fmt(v, metric) == _fmt(top, metric)}
+        cells = []
+        for m in methods:
+            if m not in by_m or not math.isfinite(by_m[m]["mean"]):
+                cells.append("-")
+                continue
+            r = by_m[m]
+            text = _fmt(r["mean"], metric) + (f" ± {_fmt(r['sd'], metric)}" if r["n"] > 1 else "")
+            cells.append(f"**{text}**" if m in best else text)
+        arrow = "↑" if g["higher_is_better"].iloc[0] else "↓"
+        lines.append(f"| {metric} {arrow} | {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_report(out: Path, info: dict, table: pd.DataFrame, plots: dict[str, Path | None],
+                  sets: Sequence[WeightSet], curves: Mapping[str, pd.DataFrame]) -> Path:
+    methods = [s.name for s in sets]
+    seeds = info["seeds"]
+    lines = [
+        "# holons comparison report", "",
+        f"Data: `{info['data']}`. Backbone: `{info['arch']}` for every weight set. Seeds: "
+        f"{', '.join(map(str, seeds))}{' (fast settings)' if info['fast'] else ''}.",
+        "Cells are the mean over seeds ± the sample standard deviation over seeds; the best mean is in bold "
+        "(none when all are equal). "
+        "Bars in the plots show 95 % t-intervals of the mean over seeds, dots the single seeds. "
+        "Each seed draws its own image pairs, support images, label subsets and random init.", "",
+        "## Weight sets", "",
+        "| name | weights | method | pretraining steps | run dir |", "|---|---|---|---|---|",
+    ]
+    for s in sets:
+        prov = _recorded(Path(s.weights)).get("holons", {}) if s.weights != RANDOM else {}
+        steps = "-"
+        if s.name in curves and len(curves[s.name]):
+            steps = str(int(curves[s.name]["step"].max()))
+        elif "step" in prov:
+            steps = str(prov["step"])
+        method = prov.get("method", RANDOM if s.weights == RANDOM else "?")
+        run = f"`{s.run_dir}`" if s.run_dir else "-"
+        lines.append(f"| {s.name} | `{s.weights}` | {method} | {steps} | {run} |")
+    for protocol in info["protocols"]:
+        lines += ["", f"## {_TITLES[protocol]}", ""]
+        settings = info["settings"][protocol]
+        lines.append("Settings: " + ", ".join(f"{k} {v}" for k, v in json_safe(settings).items()) + ".")
+        if protocol == "correspondence":
+            lines.append("Errors are in pixels of the images' own frame; PCK is the share of landmarks "
+                         "matched within the radius.")
+        lines += ["", _markdown_table(table, protocol, methods), ""]
+        if plots.get(f"bars_{protocol}"):
+            lines.append(f"![{protocol} bars](plots/{plots[f'bars_{protocol}'].name})")
+        if protocol == "correspondence":
+            for key, alt in (("correspondence_examples", "correspondence examples"),
+                             ("part_whole", "part-whole cosines")):
+                if plots.get(key):
+                    lines += ["", f"![{alt}](plots/{plots[key].name})"]
+    lines += ["", "## Pretraining", ""]
+    if plots.get("loss_curves"):
+        final = []
+        for m, c in curves.items():
+            if len(c):
+                last = c.iloc[-1]
+                final.append({"method": m, "steps": int(last["step"]),
+                              **{t: float(last[t]) for t in _LOSS_TERMS if t in c and pd.notna(last[t])}})
+        cols = ["method", "steps", *[t for t in _LOSS_TERMS if any(t in f for f in final)]]
+        lines += ["Last logged value of each loss term:", "", "| " + " | ".join(cols) + " |",
+                  "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(f"{f[c]:.4f}" if isinstance(f.get(c), float) else str(f.get(c, "-"))
+                                    for c in cols) + " |" for f in final]
+        lines += ["", f"![loss curves](plots/{plots['loss_curves'].name})"]
+    else:
+        lines.append("No pretraining run dir was given (`--runs NAME=RUNDIR`), so no loss curves.")
+    lines += ["", "## Files", "",
+              "`summary.json` (all aggregated numbers), `metrics.csv` (one row per seed), "
+              "`runs/<name>/<protocol>/seed_<s>/` (each protocol's results.json and CSVs).",
+              f"Evaluation took {info['elapsed_s']:.0f} s ({info['runs_reused']} of {info['runs_total']} "
+              "runs reused from an earlier call).", ""]
+    path = out / "report.md"
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+# --------------------------------------------------------------------------- entry point
+def compare(
+    weights: Mapping[str, str | Path],
+    data: str | Path,
+    out: str | Path,
+    *,
+    runs: Mapping[str, str | Path] | None = None,
+    arch: str | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    protocols: Sequence[str] = ("correspondence", "fewshot-seg"),
+    classify_data: str | Path | None = None,
+    fast: bool = False,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluate every weight set with every protocol and seed; write the report folder (see the module
+    docstring) and return its summary (also in ``OUT/summary.json``).
+
+    ``weights``: ``{name: exported folder or "random"}``; ``runs``: ``{name: pretraining run dir}`` for
+    the loss curves; ``settings``: per-protocol overrides of ``DEFAULT_SETTINGS`` (``FAST_SETTINGS``
+    with ``fast``); ``classify_data``: the set for ``classify`` (default ``data``); ``log``: called with
+    one line per evaluation run.
+    """
+    t0 = time.perf_counter()
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
+    if not seeds:
+        raise ConfigError("compare needs at least one seed")
+    sets, arch = resolve_weight_sets(weights, runs, arch)
+    out, data = Path(out), Path(data)
+    load_annotated(data)  # a clear error before any work when the folder is not an annotated set
+    base = FAST_SETTINGS if fast else DEFAULT_SETTINGS
+    resolved = {p: {**base[p], **dict((settings or {}).get(p, {}))} for p in protocols}
+    sources = {p: Path(classify_data) if p == "classify" and classify_data else data for p in protocols}
+    say = log or (lambda _msg: None)
+
+    records, points, cosines = [], {}, {}
+    reused = total = 0
+    for ws in sets:
+        fingerprint = weights_fingerprint(ws.weights)
+        for protocol in protocols:
+            runner, extract = _RUNNERS[protocol]
+            for seed in seeds:
+                folder = out / "runs" / ws.name / protocol / f"seed_{seed}"
+                request = {"protocol": protocol, "weights": fingerprint, "arch": arch, "seed": seed,
+                           "data": str(sources[protocol].resolve()), "settings": resolved[protocol],
+                           "device": str(resolve_device(device))}
+
+                def run(folder: Path, runner=runner, protocol=protocol, seed=seed, ws=ws) -> dict:
+                    torch.manual_seed(seed)  # random init differs per seed and repeats per seed
+                    return runner(ws.weights, sources[protocol], folder, arch=arch, device=device,
+                                  progress=False, **_protocol_kwargs(protocol, resolved[protocol], seed))
+
+                t1 = time.perf_counter()
+                summary, was_reused = _cached_run(folder, request, run)
+                total += 1
+                reused += was_reused
+                say(f"  {ws.name:<10} {protocol:<15} seed {seed}: "
+                    f"{'reused' if was_reused else f'{time.perf_counter() - t1:.0f} s'}")
+                for metric, setting, value, higher in extract(summary):
+                    records.append({"method": ws.name, "protocol": protocol, "metric": metric,
+                                    "setting": setting, "seed": seed,
+                                    "value": math.nan if value is None else float(value),
+                                    "higher_is_better": higher})
+                if protocol == "correspondence":
+                    pw = folder / "part_whole.csv"
+                    if pw.is_file() and pw.stat().st_size > 0:
+                        frame = pd.read_csv(pw, dtype={"image": str})
+                        cosines[ws.name] = pd.concat([cosines.get(ws.name), frame.assign(seed=seed)])
+                    if seed == seeds[0]:
+                        points[ws.name] = pd.read_csv(folder / "points.csv",
+                                                      dtype={"source": str, "target": str})
+
+    frame = pd.DataFrame(records)
+    table = aggregate(frame)
+    curves = {s.name: read_loss_curves(s.run_dir) for s in sets if s.run_dir is not None}
+    methods = [s.name for s in sets]
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path | None] = {
+        f"bars_{p}": plot_bars(table, p, methods, plot_dir / f"bars_{p}.png") for p in protocols}
+    if "correspondence" in protocols:
+        plots["correspondence_examples"] = plot_correspondence_examples(
+            data, points, plot_dir / "correspondence_examples.png")
+        plots["part_whole"] = plot_part_whole(cosines, plot_dir / "part_whole.png", methods)
+    plots["loss_curves"] = plot_loss_curves(curves, plot_dir / "loss_curves.png", methods)
+
+    info = {"data": str(data), "arch": arch, "seeds": list(seeds), "fast": fast, "protocols": list(protocols),
+            "settings": resolved, "methods": methods, "elapsed_s": time.perf_counter() - t0,
+            "runs_total": total, "runs_reused": reused}
+    report = _write_report(out, info, table, plots, sets, curves)
+    with atomic_write(out / "metrics.csv", "w") as f:
+        frame.to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
+    summary = {
+        **info, "report": str(report),
+        "weights": {s.name: {"weights": s.weights, "run_dir": str(s.run_dir) if s.run_dir else None}
+                    for s in sets},
+        "plots": {k: str(v) for k, v in plots.items() if v is not None},
+        "table": table.to_dict(orient="records"),
+    }
+    with atomic_write(out / "summary.json", "w") as f:
+        json.dump(json_safe(summary), f, indent=2)
+        f.write("\n")
+    return json_safe(summary)
+
+
+def _headline_keys(table: pd.DataFrame) -> list[tuple[str, str, str, str]]:
+    """(protocol, metric, setting, column title) of the few numbers a summary shows."""
+    keys = []
+    for (protocol, metric, setting), _ in table.groupby(["protocol", "metric", "setting"], sort=False):
+        if protocol == "correspondence" and setting == "all landmarks" and metric == "mean error (px)":
+            keys.append((protocol, metric, setting, "corr. error px ↓"))
+        elif protocol == "correspondence" and metric == "PCK (%)" and setting == "r = 20 px":
+            keys.append((protocol, metric, setting, "PCK@20 % ↑"))
+        elif protocol == "correspondence" and metric.startswith("part-whole") and setting == "image wholes":
+            keys.append((protocol, metric, setting, "part-whole cos"))
+        elif protocol == "fewshot-seg" and setting == "mean":
+            shots = metric.split(", ")[-1].removesuffix(" shots")
+            mode = metric.split(", ")[1]
+            title = f"Dice {shots}-shot{'' if mode == 'frozen' else ' ft'} ↑"
+            keys.append((protocol, metric, setting, title))
+        elif protocol == "classify" and metric.startswith("AUC") and setting.endswith(" 1 of labels"):
+            keys.append((protocol, metric, setting, f"{metric.split(', ')[1]} AUC {setting.split(',')[0]} ↑"))
+    return keys
+
+
+def format_headline(summary: Mapping[str, Any]) -> str:
+    """A short plain-text table (methods x headline metrics, mean ± sd over seeds) of a compare summary."""
+    table = pd.DataFrame(summary["table"])
+    if table.empty:
+        return "(no results)"
+    rows = []
+    keys = _headline_keys(table)
+    for m in summary["methods"]:
+        row: dict[str, Any] = {"method": m}
+        for protocol, metric, setting, title in keys:
+            hit = table[(table["protocol"] == protocol) & (table["metric"] == metric) &
+                        (table["setting"] == setting) & (table["method"] == m)]
+            if hit.empty or hit["mean"].iloc[0] is None or not math.isfinite(hit["mean"].iloc[0]):
+                continue
+            r = hit.iloc[0]
+            sd = r["sd"] if r["sd"] is not None and math.isfinite(r["sd"]) else 0.0
+            row[title] = f"{_fmt(r['mean'], metric)}±{_fmt(sd, metric)}"
+        rows.append(row)
+    columns = [k[3] for k in keys if any(k[3] in r for r in rows)]
+    return format_table(rows, ["method", *columns])
