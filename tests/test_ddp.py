@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 import subprocess
@@ -56,8 +58,10 @@ def test_two_rank_ddp_matches_one_process(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks disagree on {name}"
     assert not (tmp_path / "ddp" / "rank1").exists()
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "checkpoints", "config.yaml", "exported", "metrics.jsonl", "tb", "train.log"]
+    expected = {"checkpoints", "config.yaml", "exported", "metrics.jsonl", "train.log"}
+    if importlib.util.find_spec("tensorboard") is not None:
+        expected.add("tb")  # written only when TensorBoard is installed
+    assert {p.name for p in (tmp_path / "ddp").iterdir()} == expected
 
     torch.set_num_threads(1)
     init = pretrain({**cfg, "max_steps": 0}, tmp_path / "init").student.state_dict()

@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 DEFAULT_RADII = (10.0, 20.0, 40.0)
+TIE_TOLERANCE = 1e-6
+"""Cosines this close to the best one count as equally good matches (float32 rounding)."""
 
 
 @dataclass
@@ -70,7 +72,13 @@ def match_points(src_feats: torch.Tensor, src_points: np.ndarray, tgt_feats: tor
     """Best cosine match in ``tgt_feats`` (``C x H x W``) of the features of ``src_feats`` at ``src_points``.
 
     ``src_points`` are (x, y) pixels of the ``src_feats`` frame (pixel-centre convention); the
-    result is ``N x 2`` integer (x, y) pixels of the ``tgt_feats`` frame.
+    result is ``N x 2`` (x, y) pixels of the ``tgt_feats`` frame.
+
+    Ties: a coarse map upsampled bilinearly (``align_corners=False``) is constant within half a
+    cell of the border, so many pixels there hold the very same feature. A plain argmax would
+    return the first of them (top-left), a bias of up to half a cell towards the image origin
+    even when the source and target images are identical; the match is the mean position
+    of all pixels within ``TIE_TOLERANCE`` of the best cosine.
     """
     c, h, w = src_feats.shape
     pts = torch.as_tensor(np.asarray(src_points, dtype=np.float32))
@@ -80,8 +88,10 @@ def match_points(src_feats: torch.Tensor, src_points: np.ndarray, tgt_feats: tor
     query = F.normalize(query, dim=1)
     th, tw = tgt_feats.shape[1:]
     keys = F.normalize(tgt_feats.float().reshape(tgt_feats.shape[0], -1), dim=0)  # C x HW
-    best = (query @ keys).argmax(dim=1)
-    return torch.stack([best % tw, best // tw], dim=1).numpy().astype(np.float64)
+    sim = query @ keys  # N x HW
+    tied = (sim >= sim.max(dim=1, keepdim=True).values - TIE_TOLERANCE).double()
+    xy = torch.stack([torch.arange(th * tw) % tw, torch.arange(th * tw) // tw], dim=1).double()  # HW x 2
+    return ((tied @ xy) / tied.sum(dim=1, keepdim=True)).numpy()
 
 
 def sample_pairs(ids: Sequence[str], patients: Sequence[str], n: int, seed: int = 0) -> list[tuple[str, str]]:
