@@ -495,3 +495,101 @@ def test_embed_dim_matches_pooled_output_for_models_with_a_head_stage():
         bb = create_backbone(name).eval()
         with torch.no_grad():
             assert bb(torch.zeros(1, 1, 64, 64)).shape[1] == bb.embed_dim
+
+
+# ---------------------------------------------------------------- Sinkhorn-Knopp teacher
+
+
+def _shared_component_logits(b: int = 16, k: int = 32) -> torch.Tensor:
+    """Teacher logits of near-identical inputs: a large component common to all samples plus small noise."""
+    common = 5.0 * torch.randn(1, k)
+    return common + 0.05 * torch.randn(b, k)
+
+
+def test_sinkhorn_rows_are_distributions_and_prototypes_equipartitioned():
+    from holons.ssl.losses import sinkhorn_knopp_probs
+
+    b, k = 16, 32
+    logits = _shared_component_logits(b, k)
+    probs = sinkhorn_knopp_probs(logits, teacher_temp=0.04, n_iters=3)
+    assert probs.shape == (b, k) and probs.dtype == torch.float32 and torch.isfinite(probs).all()
+    assert (probs >= 0).all()
+    assert torch.allclose(probs.sum(1), torch.ones(b), atol=1e-5)
+    # each prototype gets about B / K of the batch's mass
+    assert torch.allclose(probs.sum(0), torch.full((k,), b / k), rtol=0.05)
+    # plain centring + sharpening with a fresh centre: every sample picks the same prototype
+    centred = LocalizabilityLoss(out_dim=k).teacher_probs(logits)
+    assert (centred.argmax(1) == centred[0].argmax()).all() and centred.max(1).values.min() > 0.99
+    assert centred.sum(0).max() > 0.9 * b
+
+
+def test_sinkhorn_is_stable_for_sharp_temperatures_and_half_inputs():
+    from holons.ssl.losses import sinkhorn_knopp_probs
+
+    logits = (200.0 * torch.randn(8, 16)).half()  # exp(t / 0.01) overflows float32 without the max
+    probs = sinkhorn_knopp_probs(logits, teacher_temp=0.01, n_iters=5)
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
+    assert torch.allclose(probs.sum(1), torch.ones(8), atol=1e-4)
+
+
+def test_sinkhorn_loss_option_gives_no_teacher_gradient():
+    loss_fn = LocalizabilityLoss(out_dim=32, centering="sinkhorn", sinkhorn_iters=3)
+    teacher = _shared_component_logits().requires_grad_(True)
+    student = torch.randn(16, 32, requires_grad=True)
+    probs = loss_fn.teacher_probs(teacher)
+    assert not probs.requires_grad
+    out = loss_fn([student], [teacher])
+    out.loss.backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    # targets are the Sinkhorn-Knopp ones, not softmax((t - c) / T)
+    from holons.ssl.losses import sinkhorn_knopp_probs
+
+    assert torch.allclose(probs, sinkhorn_knopp_probs(teacher, 0.04, 3))
+    # the centre is still tracked for diagnostics
+    loss_fn.update_center([teacher])
+    assert loss_fn.center.norm() > 0
+    with pytest.raises(ValueError, match="centering"):
+        LocalizabilityLoss(out_dim=4, centering="median")
+    with pytest.raises(ValueError, match="sinkhorn_iters"):
+        LocalizabilityLoss(out_dim=4, centering="sinkhorn", sinkhorn_iters=0)
+
+
+def _sinkhorn_worker(rank: int, init_file: str, result_file: str, logits: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    from holons.ssl.losses import sinkhorn_knopp_probs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        local = logits[:3] if rank == 0 else logits[3:]  # unequal batches per rank
+        torch.save(sinkhorn_knopp_probs(local, 0.1, 3), f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_uses_the_global_batch_across_ranks(tmp_path):
+    from holons.ssl.losses import sinkhorn_knopp_probs
+
+    logits = torch.randn(8, 6)
+    args = (str(tmp_path / "init"), str(tmp_path / "probs"), logits)
+    torch.multiprocessing.start_processes(_sinkhorn_worker, args=args, nprocs=2, start_method="fork")
+    per_rank = torch.cat([torch.load(tmp_path / f"probs.{r}", weights_only=True) for r in (0, 1)])
+    assert torch.allclose(per_rank, sinkhorn_knopp_probs(logits, 0.1, 3), atol=1e-6)
+
+
+def test_config_with_sinkhorn_centering_loads():
+    from pathlib import Path
+
+    from holons.config import load_config
+    from holons.ssl.config import PretrainConfig, validate
+
+    yaml_path = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "cpu_tiny.yaml"
+    cfg = load_config(PretrainConfig, yaml_path, ["loss.centering=sinkhorn", "loss.sinkhorn_iters=5"])
+    assert cfg.loss.centering == "sinkhorn" and cfg.loss.sinkhorn_iters == 5
+    validate(cfg)
+    assert load_config(PretrainConfig, yaml_path).loss.centering == "center"
+    with pytest.raises(ConfigError, match="centering"):
+        load_config(PretrainConfig, yaml_path, ["loss.centering=median"])
+    with pytest.raises(ConfigError, match="sinkhorn_iters"):
+        validate(load_config(PretrainConfig, yaml_path, ["loss.sinkhorn_iters=0"]))

@@ -55,7 +55,11 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Weights and temperatures of the three branches (see holons.ssl.losses for the reduction)."""
+    """Weights and temperatures of the three branches (see holons.ssl.losses for the reduction).
+
+    ``centering`` picks the teacher's anti-collapse step: ``center`` (DESIGN.md, subtract an EMA
+    centre) or ``sinkhorn`` (``sinkhorn_iters`` Sinkhorn-Knopp rounds over the batch).
+    """
 
     w_loc: float = 1.0
     w_comp: float = 1.0
@@ -63,6 +67,8 @@ class LossConfig:
     teacher_temp: float = 0.04
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    centering: Literal["center", "sinkhorn"] = "center"
+    sinkhorn_iters: int = 3
     embed_reduction: Literal["sum_dim", "mean"] = "sum_dim"
 
 
@@ -185,6 +191,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError("checkpoint_every and log_every must be >= 1")
     if cfg.max_nan_steps < 0:
         raise ConfigError(f"max_nan_steps must be >= 0, got {cfg.max_nan_steps}")
+    if cfg.loss.sinkhorn_iters < 1:
+        raise ConfigError(f"loss.sinkhorn_iters must be >= 1, got {cfg.loss.sinkhorn_iters}")
     if cfg.optim.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be > 0, got {cfg.optim.clip_grad}")
     if len(cfg.optim.betas) != 2:

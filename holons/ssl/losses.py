@@ -14,6 +14,7 @@ same scale as the cross-entropy, and equal loss weights give comparable gradient
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -28,11 +29,13 @@ __all__ = [
     "composition_loss",
     "decomposition_loss",
     "mix_teacher_probs",
+    "sinkhorn_knopp_probs",
     "view_pairs",
 ]
 
 Views = Sequence[torch.Tensor] | torch.Tensor
 Reduction = Literal["sum_dim", "mean"]
+Centering = Literal["center", "sinkhorn"]
 
 
 class LocalizabilityOutput(NamedTuple):
@@ -102,13 +105,59 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _logsumexp_over_batch(log_q: torch.Tensor) -> torch.Tensor:
+    """``log sum_b exp(log_q[:, b])`` of a ``K x B`` tensor, over the global batch when distributed.
+
+    The maximum is subtracted before ``exp`` (after a MAX all-reduce), so nothing overflows.
+    """
+    peak = log_q.amax(dim=1, keepdim=True)
+    if _distributed():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(log_q - peak).sum(dim=1, keepdim=True)
+    if _distributed():
+        dist.all_reduce(total)
+    return torch.log(total) + peak
+
+
+@torch.no_grad()
+def sinkhorn_knopp_probs(teacher_out: torch.Tensor, teacher_temp: float, n_iters: int = 3) -> torch.Tensor:
+    """Teacher targets of ``B x K`` logits that equipartition the K prototypes over the batch.
+
+    Sinkhorn-Knopp (SwAV, DINOv2's "SK" teacher) on ``Q = exp(t / teacher_temp)``: ``n_iters``
+    rounds of scaling every prototype's total mass over the batch to ``1 / K`` and then every
+    sample's mass to ``1 / B``; the result is ``B Q`` transposed back, so each row sums to 1.
+    Unlike subtracting a centre, this removes any component that all samples share, so
+    near-identical inputs cannot all get the same target. The scaling is done on ``log Q`` in
+    float32 with max-subtracted log-sum-exps: a sharp temperature cannot overflow ``exp`` or
+    underflow a prototype's whole column to zero. When distributed, the batch is the global one
+    (prototype masses and the sample count are summed over ranks).
+    """
+    log_q = (teacher_out.detach().float() / teacher_temp).t()  # K x B
+    n_samples = log_q.new_tensor(float(log_q.shape[1]))
+    if _distributed():
+        dist.all_reduce(n_samples)
+    log_k, log_b = math.log(log_q.shape[0]), torch.log(n_samples)
+    for _ in range(n_iters):
+        log_q = log_q - _logsumexp_over_batch(log_q) - log_k
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b
+    return torch.exp(log_q + log_b).t()
+
+
 class LocalizabilityLoss(nn.Module):
     """Cross-entropy from a centred, sharpened teacher to the student over ``out_dim`` prototypes.
 
-    Teacher: ``softmax((t - c) / teacher_temp)``; student: ``log_softmax(s / student_temp)``.
+    Teacher: ``softmax((t - c) / teacher_temp)`` (``centering="center"``, DESIGN.md) or the
+    Sinkhorn-Knopp targets of ``sinkhorn_knopp_probs`` (``centering="sinkhorn"``, an
+    anti-collapse option for near-identical images); student: ``log_softmax(s / student_temp)``.
     The loss is the mean over (student view, teacher view) pairs of the batch-mean
     cross-entropy. The centre ``c`` (a buffer, saved with the state dict) is updated by
-    ``update_center`` after the loss, from the raw teacher logits. Computation is in float32
+    ``update_center`` after the loss, from the raw teacher logits (with Sinkhorn-Knopp it is
+    kept for the ``center_norm`` diagnostic only). Computation is in float32
     whatever the autocast dtype (a 0.04 temperature is too sharp for half precision).
     """
 
@@ -120,18 +169,28 @@ class LocalizabilityLoss(nn.Module):
         teacher_temp: float = 0.04,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: Centering = "center",
+        sinkhorn_iters: int = 3,
     ) -> None:
         super().__init__()
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn', got {centering!r}")
+        if sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
         self.out_dim = out_dim
         self.teacher_temp = teacher_temp
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iters = sinkhorn_iters
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float | None = None) -> torch.Tensor:
-        """Centred, sharpened teacher distribution of ``B x K`` logits (no gradient)."""
+        """Sharpened teacher distribution of ``B x K`` logits (no gradient), centred or Sinkhorn-Knopp."""
         temp = self.teacher_temp if teacher_temp is None else teacher_temp
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp_probs(teacher_out, temp, self.sinkhorn_iters)
         return F.softmax((teacher_out.detach().float() - self.center) / temp, dim=-1)
 
     def forward(
@@ -187,7 +246,7 @@ class LocalizabilityLoss(nn.Module):
         """
         logits = torch.cat([t.detach().float() for t in _as_views(teacher_out)])
         stats = torch.cat([logits.sum(0), logits.new_tensor([logits.shape[0]])])
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.all_reduce(stats)
         batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)

@@ -409,7 +409,8 @@ class Trainer:
         self.student = build_student(cfg).to(self.device)
         self.teacher = make_teacher(self.student.encoder)
         self.loc_loss = LocalizabilityLoss(cfg.model.out_dim, cfg.loss.teacher_temp, cfg.loss.student_temp,
-                                           cfg.loss.center_momentum).to(self.device)
+                                           cfg.loss.center_momentum, cfg.loss.centering,
+                                           cfg.loss.sinkhorn_iters).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.weight_decay),
                                            lr=0.0, betas=tuple(cfg.optim.betas))
         self.views = ViewGenerator(cfg.views)
