@@ -192,7 +192,11 @@ def budget_config(path: Path, steps: int, batch_size: int, seed: int, cache: Pat
     cfg = yaml.safe_load(path.read_text())
     cfg = _merge(cfg, {"seed": seed, "device": device, "data": {"cache_dir": str(cache), "split": "train",
                                                                   "batch_size": batch_size}})
-    cfg = _merge(cfg, parse_overrides(overrides))
+    return rewrite_curriculum(_merge(cfg, parse_overrides(overrides)), steps)
+
+
+def rewrite_curriculum(cfg: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Give every curriculum stage its configured share of ``steps`` as whole ``steps_per_level``."""
     stages = cfg.get("curriculum", {}).get("stages") or [{"mode": "localizability", "levels": [0]}]
     per_level = [float(st.get("epochs_per_level") or st.get("steps_per_level") or 1.0) for st in stages]
     total = sum(w * len(st.get("levels", [0, 1, 2])) for w, st in zip(per_level, stages, strict=True))
@@ -208,7 +212,8 @@ def curriculum_steps(cfg: dict[str, Any]) -> int:
     return sum(st["steps_per_level"] * len(st["levels"]) for st in cfg["curriculum"]["stages"])
 
 
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+def comparable_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config without bookkeeping keys: equal means a finished run can be reused."""
     from holons.config import load_config, to_dict
     from holons.ssl.config import PretrainConfig
 
@@ -225,7 +230,7 @@ def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str
     exported = run_dir / "exported"
     if reuse and exported.is_dir() and (run_dir / "config.yaml").is_file():
         previous = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if _comparable(previous) == _comparable(cfg):
+        if comparable_config(previous) == comparable_config(cfg):
             _log(f"pretrain: reusing {run_dir.name}")
             return {"run_dir": str(run_dir), "exported": str(exported), "reused": True,
                     **_run_summary(run_dir)}

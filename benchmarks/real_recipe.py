@@ -57,8 +57,11 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, Path(__file__).resolve().parent):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from anatomy_proof import comparable_config, curriculum_steps, rewrite_curriculum  # noqa: E402
 
 CONFIGS = REPO / "configs" / "pretrain"
 METHODS = ("adamv2", "dino")
@@ -260,30 +263,7 @@ def budget_config(path: Path, args: argparse.Namespace, seed: int, cache: Path) 
     run = {"seed": seed, "device": args.device, "data": {"cache_dir": str(cache), "split": "train"}}
     if args.batch_size:
         run["data"]["batch_size"] = args.batch_size
-    cfg = _merge(_merge(cfg, run), parse_overrides(args.overrides))
-    stages = cfg.get("curriculum", {}).get("stages") or [{"mode": "localizability", "levels": [0]}]
-    per_level = [float(st.get("epochs_per_level") or st.get("steps_per_level") or 1.0) for st in stages]
-    total = sum(w * len(st.get("levels", [0, 1, 2])) for w, st in zip(per_level, stages, strict=True))
-    cfg.setdefault("curriculum", {})["stages"] = [
-        {"mode": st.get("mode", "part_whole"), "levels": list(st.get("levels", [0, 1, 2])),
-         "steps_per_level": max(1, round(args.steps * w / total))}
-        for w, st in zip(per_level, stages, strict=True)]
-    cfg["max_steps"] = None
-    return cfg
-
-
-def curriculum_steps(cfg: dict[str, Any]) -> int:
-    return sum(st["steps_per_level"] * len(st["levels"]) for st in cfg["curriculum"]["stages"])
-
-
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    from holons.config import load_config, to_dict
-    from holons.ssl.config import PretrainConfig
-
-    d = to_dict(load_config(PretrainConfig, None, cfg))
-    for key in ("resume", "overwrite", "log_every", "checkpoint_every", "keep_checkpoints"):
-        d.pop(key, None)
-    return d
+    return rewrite_curriculum(_merge(_merge(cfg, run), parse_overrides(args.overrides)), args.steps)
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
@@ -310,7 +290,7 @@ def pretrain_and_export(cfg: dict[str, Any], run_dir: Path, weights_dir: Path, r
     info: dict[str, Any] = {"run_dir": str(run_dir), "weights": str(weights_dir)}
     previous = run_dir / "config.yaml"
     if (reuse and weights_dir.is_dir() and previous.is_file()
-            and _comparable(yaml.safe_load(previous.read_text())) == _comparable(cfg)):
+            and comparable_config(yaml.safe_load(previous.read_text())) == comparable_config(cfg)):
         _log(f"pretrain: reusing {run_dir.name}")
         return {**info, "reused": True, **_run_summary(run_dir)}
     t0 = time.perf_counter()
