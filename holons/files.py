@@ -45,14 +45,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def atomic_path(path: str | os.PathLike) -> Path:
-    """A temporary sibling path for writers that need a file name (e.g. pyarrow); pair with os.replace."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling path for writers that need a file name (pyarrow, safetensors, matplotlib).
+
+    The block writes to the yielded path; on success it is fsynced and renamed over ``path``, on
+    failure it is removed. Same guarantee as ``atomic_write``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, _default_mode())
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def shared_data_root() -> Path | None:

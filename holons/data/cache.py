@@ -232,12 +232,8 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _write_parquet(df, path: Path) -> None:
-    tmp = atomic_path(path)
-    try:
+    with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_shard(out: Path, shard: int, rows, results: list[dict[str, Any]], size: int, dtype: str) -> None:

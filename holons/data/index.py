@@ -386,21 +386,14 @@ class _Readers:
 # --------------------------------------------------------------------------- parts and the manifest
 def _write_part(path: Path, table: pa.Table) -> None:
     """Write one finished part atomically (a killed run never leaves a half part that looks valid)."""
-    tmp = atomic_path(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _write_manifest(out: Path, parts: list[Path], metadata: dict[str, str]) -> None:
     """Concatenate this run's parts into ``out`` atomically, streaming (one row group in memory)."""
     schema = MANIFEST_SCHEMA.with_metadata(metadata)
-    tmp = atomic_path(out)
-    try:
+    with atomic_path(out) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             buffer: list[pa.Table] = []
             buffered = 0
@@ -414,13 +407,6 @@ def _write_manifest(out: Path, parts: list[Path], metadata: dict[str, str]) -> N
             if buffer or not parts:
                 table = pa.concat_tables(buffer) if buffer else MANIFEST_SCHEMA.empty_table()
                 writer.write_table(table.replace_schema_metadata(metadata))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

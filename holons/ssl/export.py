@@ -85,12 +85,8 @@ def save_foundation(model: nn.Module, out_dir: str | Path, config: dict[str, Any
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = atomic_path(out / WEIGHTS_NAME)
-    try:
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out / WEIGHTS_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
     with atomic_write(out / CONFIG_NAME, "w") as f:
         json.dump(config, f, indent=2)
     return out

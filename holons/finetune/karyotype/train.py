@@ -466,9 +466,8 @@ def save_model(model: VarifocalNet, cfg: KaryotypeConfig, canvas: int, head: str
     from holons.files import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(folder / WEIGHTS_FILE)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     meta = {"format": "holons-karyotype/1", "config": to_dict(cfg), "canvas": canvas,
             "stain": cfg.data.stain, "input_size": cfg.data.input_size, "source_size": cfg.data.source_size,
             "head": head, "classes": [str(k) for k in range(1, 23)] + ["X", "Y"],
