@@ -264,8 +264,8 @@ def _demo_summary(out: Path) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import hashlib
     import json
-    import secrets
     import shlex
     import time
 
@@ -277,7 +277,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     state = _load_demo_state(state_file, {"n": args.n, "seed": args.seed, "fast": args.fast})
     secret_file = out / "site_secret.txt"
     if not secret_file.exists():
-        secret_file.write_text(secrets.token_hex(32) + "\n")
+        # The demo's data are synthetic, so its "site secret" is derived from the seed: the
+        # pseudonyms, and with them the cache's patient-level splits, are then reproducible.
+        # A real site uses a random secret kept outside the data (see `holons index --help`).
+        secret_file.write_text(hashlib.sha256(f"holons-demo-site-{args.seed}".encode()).hexdigest() + "\n")
         secret_file.chmod(0o600)
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
