@@ -593,3 +593,30 @@ def test_config_with_sinkhorn_centering_loads():
         load_config(PretrainConfig, yaml_path, ["loss.centering=median"])
     with pytest.raises(ConfigError, match="sinkhorn_iters"):
         validate(load_config(PretrainConfig, yaml_path, ["loss.sinkhorn_iters=0"]))
+
+
+def test_koleo_is_minus_mean_log_nearest_neighbour_distance():
+    from holons.ssl import koleo_loss
+
+    # three unit vectors: e0, e1 and (e0 + e1)/sqrt2 -> nearest distances d(e0, m), d(e1, m), d(m, e0)
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2 ** -0.5, 2 ** -0.5]])
+    d = math.sqrt(2 - 2 * 2 ** -0.5)
+    assert koleo_loss(z).item() == pytest.approx(-math.log(d), rel=1e-5)
+    # inputs are normalized first: scaling rows changes nothing
+    assert koleo_loss(z * torch.tensor([[3.0], [0.5], [7.0]])).item() == pytest.approx(-math.log(d), rel=1e-5)
+    # spreading a tight cluster lowers the loss, and the gradient points that way
+    tight = F.normalize(torch.tensor([[1.0, 0.01], [1.0, -0.01], [1.0, 0.02]]), dim=1).requires_grad_(True)
+    loss = koleo_loss(tight)
+    loss.backward()
+    stepped = tight.detach() - 0.01 * tight.grad
+    assert koleo_loss(stepped) < loss
+    with pytest.raises(ValueError, match="B >= 2"):
+        koleo_loss(torch.ones(1, 4))
+
+
+def test_localizability_head_project_then_score_equals_forward():
+    head = LocalizabilityHead(16, 32, hidden=24, bottleneck=8)
+    x = torch.randn(5, 16)
+    z = head.project(x)
+    assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(head.prototype_logits(z), head(x), atol=1e-6)

@@ -213,3 +213,14 @@ def test_sigterm_checkpoints_and_exits_cleanly(phantoms, tmp_path):
     assert ckpts, "no checkpoint written on SIGTERM"
     state = load_checkpoint(ckpts[-1][1])  # weights_only=True
     assert 1 <= state["step"] < 500 and state["step"] == _metrics(run)[-1]["step"]
+
+
+def test_koleo_term_is_logged_and_trains(phantoms, tmp_path):
+    cfg = tiny_config(phantoms, [{"mode": "localizability", "levels": [0], "steps_per_level": 4}], log_every=2)
+    cfg["loss"] = {**cfg.get("loss", {}), "w_koleo": 0.1}
+    result = pretrain(cfg, tmp_path / "run")
+    assert result.status == "finished" and result.nan_steps == 0
+    rows = _metrics(tmp_path / "run")
+    assert all("loss_koleo" in r and math.isfinite(r["loss_koleo"]) for r in rows)
+    # the total is the localizability term plus the weighted spreading term
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_loc"] + 0.1 * rows[-1]["loss_koleo"], rel=1e-4)

@@ -81,7 +81,7 @@ def match_points(src_feats: torch.Tensor, src_points: np.ndarray, tgt_feats: tor
     of all pixels within ``TIE_TOLERANCE`` of the best cosine.
     """
     c, h, w = src_feats.shape
-    pts = torch.as_tensor(np.asarray(src_points, dtype=np.float32))
+    pts = torch.as_tensor(np.asarray(src_points, dtype=np.float32), device=src_feats.device)
     grid = torch.stack([(pts[:, 0] + 0.5) / w * 2 - 1, (pts[:, 1] + 0.5) / h * 2 - 1], dim=1)
     query = F.grid_sample(src_feats[None].float(), grid[None, :, None], mode="bilinear",
                           padding_mode="border", align_corners=False)[0, :, :, 0].T  # N x C
@@ -90,8 +90,9 @@ def match_points(src_feats: torch.Tensor, src_points: np.ndarray, tgt_feats: tor
     keys = F.normalize(tgt_feats.float().reshape(tgt_feats.shape[0], -1), dim=0)  # C x HW
     sim = query @ keys  # N x HW
     tied = (sim >= sim.max(dim=1, keepdim=True).values - TIE_TOLERANCE).double()
-    xy = torch.stack([torch.arange(th * tw) % tw, torch.arange(th * tw) // tw], dim=1).double()  # HW x 2
-    return ((tied @ xy) / tied.sum(dim=1, keepdim=True)).numpy()
+    pix = torch.arange(th * tw, device=sim.device)
+    xy = torch.stack([pix % tw, pix // tw], dim=1).double()  # HW x 2
+    return ((tied @ xy) / tied.sum(dim=1, keepdim=True)).cpu().numpy()
 
 
 def sample_pairs(ids: Sequence[str], patients: Sequence[str], n: int, seed: int = 0) -> list[tuple[str, str]]:

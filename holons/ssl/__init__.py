@@ -7,6 +7,7 @@ from holons.ssl.losses import (
     LocalizabilityOutput,
     composition_loss,
     decomposition_loss,
+    koleo_loss,
     mix_teacher_probs,
     view_pairs,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "cosine_schedule",
     "create_backbone",
     "decomposition_loss",
+    "koleo_loss",
     "lr_schedule",
     "make_teacher",
     "mix_teacher_probs",

@@ -51,16 +51,20 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (CUDA states only when the device count matches)."""
-    torch.set_rng_state(state["torch"])
+    """Inverse of :func:`capture_rng_state` (CUDA states only when the device count matches).
+
+    The states may come from a checkpoint loaded onto an accelerator (``map_location="cuda"``);
+    every setter takes CPU byte tensors only, so they are brought back to the CPU first.
+    """
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
     np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all([c.cpu() for c in cuda])
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:

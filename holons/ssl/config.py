@@ -59,6 +59,8 @@ class LossConfig:
 
     ``centering`` picks the teacher's anti-collapse step: ``center`` (DESIGN.md, subtract an EMA
     centre) or ``sinkhorn`` (``sinkhorn_iters`` Sinkhorn-Knopp rounds over the batch).
+    ``w_koleo`` > 0 adds the KoLeo spreading term on the student's global-crop bottleneck
+    embeddings (another anti-collapse option; 0 = off, DESIGN.md's method).
     """
 
     w_loc: float = 1.0
@@ -69,6 +71,7 @@ class LossConfig:
     center_momentum: float = 0.9
     centering: Literal["center", "sinkhorn"] = "center"
     sinkhorn_iters: int = 3
+    w_koleo: float = 0.0
     embed_reduction: Literal["sum_dim", "mean"] = "sum_dim"
 
 

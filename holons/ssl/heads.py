@@ -68,9 +68,16 @@ class LocalizabilityHead(nn.Module):
         """The effective last-layer weight, ``K x bottleneck`` with unit-norm rows."""
         return F.normalize(self.last_layer.weight, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.normalize(self.mlp(x), dim=-1)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalized bottleneck embedding (``B x bottleneck``) that the prototypes score."""
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def prototype_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Cosine logits of bottleneck embeddings ``z`` (from ``project``) against the K prototypes."""
         return F.linear(z, self.normalized_prototypes())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prototype_logits(self.project(x))
 
     def set_last_layer_trainable(self, trainable: bool) -> None:
         """Freeze or unfreeze the prototypes through ``requires_grad`` (not under an active DDP wrapper)."""

@@ -28,6 +28,7 @@ __all__ = [
     "LocalizabilityOutput",
     "composition_loss",
     "decomposition_loss",
+    "koleo_loss",
     "mix_teacher_probs",
     "sinkhorn_knopp_probs",
     "view_pairs",
@@ -250,6 +251,25 @@ class LocalizabilityLoss(nn.Module):
             dist.all_reduce(stats)
         batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def koleo_loss(z: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko spreading term of ``B x d`` embeddings (DINOv2's KoLeo regulariser).
+
+    ``-mean_i log(min_{j != i} |z_i - z_j|)`` over the L2-normalized rows of this process's batch:
+    it grows without bound as two samples' embeddings meet, so minimising it pushes every sample
+    away from its nearest neighbour. An anti-collapse option for homogeneous archives, where the
+    pooled embeddings of different images are nearly parallel (``loss.w_koleo``; 0 = off).
+    """
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs a B x d batch with B >= 2, got {tuple(z.shape)}")
+    z = F.normalize(z.float(), dim=-1)
+    with torch.no_grad():
+        sim = z @ z.t()
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1)
+    dist_nn = (z - z[nearest]).norm(dim=-1)
+    return -torch.log(dist_nn + eps).mean()
 
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, what: str) -> None:

@@ -26,9 +26,7 @@ import json
 import logging
 import math
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from holons.anatomy import ViewGenerator, Views
 from holons.config import load_config, save_config, to_dict
 from holons.errors import ConfigError, HolonsError
+from holons.signals import StopSignal
 from holons.ssl import distributed as du
 from holons.ssl.backbone import create_backbone
 from holons.ssl.checkpoint import (
@@ -55,7 +54,13 @@ from holons.ssl.checkpoint import (
 )
 from holons.ssl.config import PretrainConfig, Segment, plan_segments, validate
 from holons.ssl.heads import CompositionHead, DecompositionHead, LocalizabilityHead
-from holons.ssl.losses import LocalizabilityLoss, composition_loss, decomposition_loss, mix_teacher_probs
+from holons.ssl.losses import (
+    LocalizabilityLoss,
+    composition_loss,
+    decomposition_loss,
+    koleo_loss,
+    mix_teacher_probs,
+)
 from holons.ssl.optim import clip_gradients_per_tensor, param_groups, set_lr, set_weight_decay
 from holons.ssl.schedules import lr_schedule, momentum_schedule, scaled_lr, weight_decay_schedule
 from holons.ssl.teacher import make_teacher, update_teacher
@@ -189,7 +194,8 @@ class StudentNet(nn.Module):
 
     ``forward(inputs, project, compose, decompose)``: ``inputs`` maps names to image stacks
     ``N x 1 x S x S``; stacks of equal size share one backbone call. Returns the embeddings of
-    every input, localizability logits for the names in ``project``, the composition of the
+    every input, localizability logits (and the bottleneck embeddings they score, ``proj``) for the
+    names in ``project``, the composition of the
     parts stack ``compose`` (``B*k2`` rows, sample-major) and the decomposition of ``decompose``.
     """
 
@@ -204,8 +210,11 @@ class StudentNet(nn.Module):
         emb = embed_grouped(self.encoder.backbone, inputs)
         out: dict[str, Any] = {"emb": emb}
         if project:
-            logits = self.encoder.loc_head(torch.cat([emb[n] for n in project]))
-            out["logits"] = dict(zip(project, logits.split([len(emb[n]) for n in project]), strict=True))
+            head = self.encoder.loc_head
+            sizes = [len(emb[n]) for n in project]
+            z = head.project(torch.cat([emb[n] for n in project]))
+            out["proj"] = dict(zip(project, z.split(sizes), strict=True))
+            out["logits"] = dict(zip(project, head.prototype_logits(z).split(sizes), strict=True))
         if compose is not None:
             k2 = self.comp_head.k2
             out["composed"] = self.comp_head(emb[compose].unflatten(0, (-1, k2)))
@@ -317,26 +326,6 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-
-
-class _StopSignal:
-    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -572,6 +561,10 @@ class Trainer:
                 t_parts = t_emb["parts"].unflatten(0, (b, k2))
                 terms["dec"] = decomposition_loss(s["decomposed"], t_parts, cfg.loss.embed_reduction)
                 total = total + cfg.loss.w_dec * terms["dec"]
+        if cfg.loss.w_koleo > 0:  # spread the student's global-crop embeddings within the batch
+            z = s["proj"]["global"].unflatten(0, (b, n_g))
+            terms["koleo"] = torch.stack([koleo_loss(z[:, j]) for j in range(n_g)]).mean()
+            total = total + cfg.loss.w_koleo * terms["koleo"]
         diag = {"teacher_entropy": out.teacher_entropy, "teacher_batch_entropy": out.teacher_batch_entropy,
                 "center_norm": out.center_norm}
         return total, {**{f"loss_{k}": t for k, t in terms.items()}, **diag}, teacher_logits
@@ -778,7 +771,9 @@ def _run(cfg: PretrainConfig, out: Path, info: du.DistInfo, progress: bool | Non
     try:
         trainer = Trainer(cfg, out, info)
         if resume_path is not None:
-            state = load_checkpoint(resume_path, map_location=info.device)
+            # on the CPU: load_state copies weights to the device, AdamW keeps its step counters
+            # on the CPU as in an uninterrupted run, and the RNG setters take CPU tensors only
+            state = load_checkpoint(resume_path, map_location="cpu")
             trainer.load_state(state)
             logger.close()
             logger = RunLogger(out, info.is_main, trainer.step, echo)
@@ -837,7 +832,7 @@ def _loop(tr: Trainer, logger: RunLogger, show_bar: bool) -> PretrainResult:
         bar = tqdm(total=end, initial=tr.step, desc="pretrain", unit="step", dynamic_ncols=True)
     status, window, last = "finished", [], {}
     current = None
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         while tr.step < end:
             seg = tr.segment_at(tr.step)
             if seg != current:

@@ -14,6 +14,13 @@ whole state (weights, optimizer, scheduler, epochs done) is written atomically t
 ``checkpoints/<phase>.pt`` (tensors and primitives only). Shuffling and augmentation draw from
 generators seeded by (seed, phase, epoch), so a resumed run repeats what an uninterrupted one
 would have done. Frozen modules run in eval mode (BatchNorm statistics stay put).
+
+SIGTERM or SIGINT during training sets a flag (``holons.signals.StopSignal``, shared with pretraining); at the
+next batch boundary the phase's checkpoint is written with the position inside the epoch (batches
+done, the epoch generator's state, the running loss; at an epoch's end it is the ordinary epoch
+checkpoint), :class:`KaryotypeInterrupted` is raised and the previous signal handlers are back.
+``resume=True`` (CLI ``--resume``) continues from that batch exactly as the uninterrupted run
+would have (bit-identical on CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,7 @@ from holons.finetune.karyotype.data import (
     random_flips,
 )
 from holons.finetune.karyotype.model import VarifocalNet, box_targets
+from holons.signals import StopSignal
 
 log = logging.getLogger("holons.karyotype")
 MODEL_DIR = "model"
@@ -140,6 +149,17 @@ def phase_loss(model: VarifocalNet, phase: Phase, images, labels, polarity, cfg:
     return soft_cross_entropy(out[key_t], type_t) + w * soft_cross_entropy(out[key_p], pol_t, pol_w)
 
 
+# --------------------------------------------------------------------------- interruption
+class KaryotypeInterrupted(HolonsError):
+    """Training stopped by SIGTERM / SIGINT after writing its state; ``resume=True`` continues it."""
+
+    def __init__(self, signum: int, where: str, checkpoint: Path) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted by {signal.Signals(signum).name} {where}; state saved to "
+                         f"{checkpoint}; continue with the same command plus --resume")
+
+
 # --------------------------------------------------------------------------- run dir
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -191,7 +211,10 @@ def _refine_guard(model: VarifocalNet, phase: Phase, val: KaryotypeDataset, devi
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, phase: Phase, epochs_done: int,
-                     cfg: KaryotypeConfig, canvas: int, guard: dict | None = None) -> None:
+                     cfg: KaryotypeConfig, canvas: int, guard: dict | None = None,
+                     position: dict | None = None) -> None:
+    """The phase's resume state; ``position`` (``batches_done``, ``generator``, ``loss_total``,
+    ``loss_count``) marks a checkpoint written inside epoch ``epochs_done + 1`` on interruption."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "phase": phase.name, "epochs_done": epochs_done, "done": epochs_done >= phase.epochs,
@@ -199,6 +222,8 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, phase: Phase, epoc
     }
     if guard is not None:
         state["guard_baseline"], state["guard_localizer"] = guard["baseline"], guard["localizer"]
+    if position is not None:
+        state.update(position)
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
 
@@ -299,11 +324,11 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
                     overwrite: bool = False, progress: bool | None = None) -> dict:
     """Train the configured model on ``manifest``, save it to ``out/model``, evaluate on the test split.
 
-    Returns the evaluation summary (also in ``out/eval/metrics.json``).
+    Returns the evaluation summary (also in ``out/eval/metrics.json``). Raises
+    :class:`KaryotypeInterrupted` after saving the state when SIGTERM / SIGINT arrives during
+    training; ``resume=True`` then continues from the batch where it stopped.
     """
     import sys
-
-    from tqdm import tqdm
 
     from holons.finetune.karyotype.evaluate import evaluate_split
 
@@ -327,65 +352,8 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
                  len(data.train), len(data.val), len(data.test), data.canvas, data.skipped,
                  time.perf_counter() - t0)
         _write_split(out / "split.csv", data)
-        torch.manual_seed(cfg.train.seed)
-        model = VarifocalNet(cfg.model, cfg.data.input_size).to(device)
-        phases = schedule(cfg)
-        ckpt_dir = out / "checkpoints"
-        for index, phase in enumerate(phases):
-            path = ckpt_dir / f"{phase.name}.pt"
-            state = _load_checkpoint(path) if path.exists() else None
-            if state is not None and state["done"]:
-                model.load_state_dict(state["model"])
-                continue
-            params = _set_trainable(model, phase)
-            refine = phase.name.startswith("locrefine")
-            lr = cfg.train.lr * (cfg.train.localizer_refine_lr_scale if refine else 1.0)
-            optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.train.weight_decay)
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_step_epochs,
-                                                        cfg.train.lr_gamma)
-            start = 0
-            if state is not None:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                start = int(state["epochs_done"])
-                log.info("resume %s at epoch %d", phase.name, start)
-            guard = _refine_guard(model, phase, data.val, device, cfg, state)
-            for epoch in range(start, phase.epochs):
-                _set_trainable(model, phase)
-                te = time.perf_counter()
-                gen = torch.Generator().manual_seed(int(cfg.train.seed * 1_000_003 + index * 1009 + epoch))
-                total, count = 0.0, 0
-                batches = _batches(len(data.train), cfg.train.batch_size, gen)
-                for idx in tqdm(batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}", leave=False,
-                                disable=not progress):
-                    x = data.train.images[idx].float().div_(255.0)
-                    x, pol = random_flips(x, data.train.polarity[idx], gen, cfg.train.hflip)
-                    loss = phase_loss(model, phase, x.to(device), data.train.labels[idx].to(device),
-                                      pol.to(device), cfg, gen)
-                    if not torch.isfinite(loss):
-                        raise HolonsError(f"{phase.name}: loss became {loss.item()} at epoch {epoch + 1}")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += loss.item() * len(idx)
-                    count += len(idx)
-                    if len(batches) >= 200 and (count // len(idx)) % 100 == 0:
-                        log.info("%s epoch %d: %d/%d chromosomes, loss %.4f, %.0f s", phase.name, epoch + 1,
-                                 count, len(data.train), total / count, time.perf_counter() - te)
-                scheduler.step()
-                record = {"phase": phase.name, "epoch": epoch + 1, "loss": total / max(count, 1),
-                          "lr": optimizer.param_groups[0]["lr"],
-                          "seconds": round(time.perf_counter() - te, 2)}
-                every = cfg.train.val_every
-                if epoch + 1 == phase.epochs or (every and (epoch + 1) % every == 0) or guard:
-                    record.update(_validate(model, phase, data.val, device, cfg))
-                if guard and epoch + 1 == phase.epochs and record["val_type_acc"] < guard["baseline"]:
-                    model.localizer.load_state_dict(guard["localizer"])
-                    record["reverted_to_val_type_acc"] = guard["baseline"]
-                _append_jsonl(out / "metrics.jsonl", record)
-                log.info(json.dumps(record))
-                _save_checkpoint(path, model, optimizer, scheduler, phase, epoch + 1, cfg, data.canvas, guard)
+        with StopSignal() as stop:
+            model = _train_phases(cfg, data, device, out, stop, progress)
         head = final_head(cfg)
         save_model(model, cfg, data.canvas, head, out / MODEL_DIR)
         summary = evaluate_split(model, data.test, head, device, out / "eval", dispatch=cfg.dispatch,
@@ -400,6 +368,92 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device, out: Path,
+                  stop: StopSignal, progress: bool) -> VarifocalNet:
+    """Run (or resume) every phase of the schedule; on a stop request checkpoint and raise."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.train.seed)
+    model = VarifocalNet(cfg.model, cfg.data.input_size).to(device)
+    ckpt_dir = out / "checkpoints"
+    for index, phase in enumerate(schedule(cfg)):
+        path = ckpt_dir / f"{phase.name}.pt"
+        state = _load_checkpoint(path) if path.exists() else None
+        if state is not None and state["done"]:
+            model.load_state_dict(state["model"])
+            continue
+        params = _set_trainable(model, phase)
+        refine = phase.name.startswith("locrefine")
+        lr = cfg.train.lr * (cfg.train.localizer_refine_lr_scale if refine else 1.0)
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_step_epochs, cfg.train.lr_gamma)
+        start = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = int(state["epochs_done"])
+            inside = f", after batch {state['batches_done']}" if "batches_done" in state else ""
+            log.info("resume %s after epoch %d%s", phase.name, start, inside)
+        guard = _refine_guard(model, phase, data.val, device, cfg, state)
+        for epoch in range(start, phase.epochs):
+            _set_trainable(model, phase)
+            te = time.perf_counter()
+            gen = torch.Generator().manual_seed(int(cfg.train.seed * 1_000_003 + index * 1009 + epoch))
+            total, count = 0.0, 0
+            batches = _batches(len(data.train), cfg.train.batch_size, gen)
+            done = 0
+            if state is not None and epoch == start and "batches_done" in state:  # resumed mid-epoch
+                done = int(state["batches_done"])
+                gen.set_state(state["generator"])
+                total, count = float(state["loss_total"]), int(state["loss_count"])
+            for b, idx in enumerate(tqdm(batches[done:], desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                                         initial=done, total=len(batches), leave=False,
+                                         disable=not progress), start=done + 1):
+                x = data.train.images[idx].float().div_(255.0)
+                x, pol = random_flips(x, data.train.polarity[idx], gen, cfg.train.hflip)
+                loss = phase_loss(model, phase, x.to(device), data.train.labels[idx].to(device),
+                                  pol.to(device), cfg, gen)
+                if not torch.isfinite(loss):
+                    raise HolonsError(f"{phase.name}: loss became {loss.item()} at epoch {epoch + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+                if len(batches) >= 200 and b % 100 == 0:
+                    log.info("%s epoch %d: %d/%d chromosomes, loss %.4f, %.0f s", phase.name, epoch + 1,
+                             count, len(data.train), total / count, time.perf_counter() - te)
+                if stop.requested and b < len(batches):  # at the epoch's end: the epoch checkpoint
+                    position = {"batches_done": b, "generator": gen.get_state(), "loss_total": total,
+                                "loss_count": count}
+                    _save_checkpoint(path, model, optimizer, scheduler, phase, epoch, cfg, data.canvas, guard,
+                                     position)
+                    _interrupted(stop, f"in {phase.name} epoch {epoch + 1}/{phase.epochs} after batch "
+                                 f"{b}/{len(batches)}", path)
+            scheduler.step()
+            record = {"phase": phase.name, "epoch": epoch + 1, "loss": total / max(count, 1),
+                      "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - te, 2)}
+            every = cfg.train.val_every
+            if epoch + 1 == phase.epochs or (every and (epoch + 1) % every == 0) or guard:
+                record.update(_validate(model, phase, data.val, device, cfg))
+            if guard and epoch + 1 == phase.epochs and record["val_type_acc"] < guard["baseline"]:
+                model.localizer.load_state_dict(guard["localizer"])
+                record["reverted_to_val_type_acc"] = guard["baseline"]
+            _append_jsonl(out / "metrics.jsonl", record)
+            log.info(json.dumps(record))
+            _save_checkpoint(path, model, optimizer, scheduler, phase, epoch + 1, cfg, data.canvas, guard)
+            if stop.requested:
+                _interrupted(stop, f"after {phase.name} epoch {epoch + 1}/{phase.epochs}", path)
+    return model
+
+
+def _interrupted(stop: StopSignal, where: str, checkpoint: Path) -> None:
+    error = KaryotypeInterrupted(stop.signum or signal.SIGTERM, where, checkpoint)
+    log.warning("%s", error)
+    raise error
 
 
 def _validate(model, phase: Phase, val: KaryotypeDataset, device, cfg: KaryotypeConfig) -> dict:

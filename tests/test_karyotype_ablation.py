@@ -1,0 +1,98 @@
+"""benchmarks/karyotype_ablation.py: the five runs, the table, reuse of finished runs, failures recorded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from holons.config import load_config
+from holons.data.synthetic.karyotypes import generate_karyotypes
+from holons.finetune.karyotype.config import KaryotypeConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_ablation.py"
+_spec = importlib.util.spec_from_file_location("karyotype_ablation", SCRIPT)
+ablation = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(ablation)
+
+RATES = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", "case_accuracy_greedy",
+         "case_accuracy_optimal", "cases_fully_correct_optimal")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_runs_make_the_pairs_explicit(tmp_path):
+    runs = ablation.ablation_runs(tmp_path / "export dir", cutmix_prob=0.25)
+    assert [r.name for r in runs] == list(ablation.VARIANTS)
+    # a base config with CutMix on: the ablation still turns it off everywhere but the CutMix run
+    base = ["train.cutmix_prob=0.9"]
+    cfgs = {r.name: load_config(KaryotypeConfig, ablation.DEFAULT_CONFIG, [*base, *r.overrides])
+            for r in runs}
+    assert {n: c.model.variant for n, c in cfgs.items()} == {
+        "g_only": "g_only", "l_whole": "l_whole", "varifocal": "varifocal",
+        "varifocal_foundation": "varifocal", "varifocal_cutmix": "varifocal"}
+    assert [c.train.cutmix_prob for c in cfgs.values()] == [0.0, 0.0, 0.0, 0.0, 0.25]
+    found = cfgs["varifocal_foundation"].model
+    assert found.g_pretrained_dir == found.l_pretrained_dir == str(tmp_path / "export dir")
+    assert cfgs["varifocal"].model.g_pretrained_dir is None
+
+
+def test_quick_ablation_table_reuse_and_failures(tmp_path, capsys):
+    manifest = generate_karyotypes(tmp_path / "syn", cases=8, seed=0, abnormal_rate=0.2, flip_rate=0.5,
+                                   workers=1)
+    wrong = tmp_path / "export"  # an export of another architecture: that run fails, the others go on
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
+    (wrong / "model.safetensors").write_bytes(b"")
+    out = tmp_path / "ablation"
+    common = ["--manifest", str(manifest), "--out", str(out), "--quick", "--device", "cpu",
+              "--set", "train.threads=1"]
+
+    assert ablation.main([*common, "--foundation", str(wrong)]) == 1  # one run failed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["runs"]}
+    assert list(rows) == list(ablation.VARIANTS)
+    assert rows["varifocal_foundation"]["status"] == "failed"
+    assert "resnet18" in rows["varifocal_foundation"]["note"]
+    trained = [n for n in ablation.VARIANTS if n != "varifocal_foundation"]
+    for name in trained:
+        row = rows[name]
+        assert row["status"] == "finished", row.get("note")
+        for key in RATES:
+            assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
+        assert row["train_seconds"] > 0 and row["test_chromosomes"] > 0
+        # the numbers are the run's own eval/metrics.json
+        saved = json.loads((out / name / "eval" / "metrics.json").read_text())
+        assert row["type_accuracy"] == saved["type_accuracy"]
+        assert row["cases_fully_correct_optimal"] == saved["cases_fully_correct_optimal"]
+    assert [rows[n]["head"] for n in trained] == ["g", "fusion", "fusion", "fusion"]
+    assert len({rows[n]["test_split"] for n in trained}) == 1  # one test split for all
+    table = (out / "results.md").read_text()
+    assert table.count("\n| ") == 1 + len(ablation.VARIANTS)  # header + one row per run
+    assert "identical in every run: yes" in table
+    assert "| G-Net only | g |" in capsys.readouterr().out
+
+    # a rerun reuses finished runs without training, and skips the foundation run without --foundation
+    epochs = (out / "varifocal" / "metrics.jsonl").read_text()
+    assert ablation.main([*common, "--variants", "g_only", "varifocal", "varifocal_foundation"]) == 0
+    again = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert list(again) == ["g_only", "varifocal", "varifocal_foundation"]
+    assert again["g_only"]["status"] == again["varifocal"]["status"] == "reused"
+    assert again["varifocal_foundation"]["status"] == "skipped"
+    assert again["varifocal"]["type_accuracy"] == rows["varifocal"]["type_accuracy"]
+    assert (out / "varifocal" / "metrics.jsonl").read_text() == epochs
+
+    # a finished run made with another config is reported, not mixed into the table
+    assert ablation.main([*common, "--variants", "g_only", "--set", "train.gnet_epochs=2"]) == 1
+    changed = json.loads((out / "results.json").read_text())["runs"][0]
+    assert changed["status"] == "failed" and "train.gnet_epochs" in changed["note"]
