@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -336,13 +337,15 @@ class PretrainResult:
     run_dir: Path
     step: int
     total_steps: int
-    status: str  # "finished" | "stopped" (max_steps) | "terminated" (SIGTERM)
+    status: str  # "finished" | "stopped" (max_steps) | "terminated" (SIGTERM / SIGINT)
     nan_steps: int
     last_metrics: dict[str, Any] = field(default_factory=dict)
     student: nn.Module | None = field(default=None, repr=False)
     """The trained ``StudentNet`` (backbone + heads), in memory on this rank."""
     teacher: nn.Module | None = field(default=None, repr=False)
     """The EMA teacher (backbone + localizability head)."""
+    signum: int | None = None
+    """The signal that stopped a ``terminated`` run."""
 
 
 def _amp_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -864,8 +867,9 @@ def _loop(tr: Trainer, logger: RunLogger, show_bar: bool) -> PretrainResult:
             if stop_any:
                 tr.save(boundaries)
                 status = "terminated"
-                log.info("SIGTERM: checkpoint written at step %d; exiting cleanly (resume with resume=true)",
-                         tr.step)
+                signum = stop.signum or signal.SIGTERM  # another rank's signal reaches this one as a flag
+                log.info("%s: checkpoint written at step %d; exiting cleanly (resume with resume=true)",
+                         signal.Signals(signum).name, tr.step)
                 break
             if tr.step % cfg.checkpoint_every == 0 or tr.step in boundaries or tr.step == end:
                 tr.save(boundaries)
@@ -879,4 +883,5 @@ def _loop(tr: Trainer, logger: RunLogger, show_bar: bool) -> PretrainResult:
         export(tr.out, tr.out / "exported", which="teacher")
         log.info("finished %d steps; teacher backbone exported to %s", tr.step, tr.out / "exported")
     du.barrier()
-    return PretrainResult(tr.out, tr.step, tr.total_steps, status, tr.nan_steps, last, tr.student, tr.teacher)
+    return PretrainResult(tr.out, tr.step, tr.total_steps, status, tr.nan_steps, last, tr.student, tr.teacher,
+                          signum if status == "terminated" else None)
