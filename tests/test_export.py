@@ -72,3 +72,25 @@ def test_export_cli_and_errors(run, tmp_path):
         export(tmp_path / "nothing-here", tmp_path / "x")
     with pytest.raises(HolonsError, match="not an exported foundation folder"):
         load_foundation(tmp_path)
+
+
+def test_karyotype_net_normalizes_inputs_as_the_foundation_was_trained(run, tmp_path):
+    from holons.finetune.karyotype.config import KaryotypeModelConfig
+    from holons.finetune.karyotype.model import VarifocalNet
+
+    run_dir, result = run
+    out = export(run_dir, tmp_path / "f")
+    cfg = KaryotypeModelConfig(variant="l_whole", g_backbone="convnext_atto", l_backbone="convnext_atto",
+                               g_pretrained_dir=str(out), l_pretrained_dir=str(out))
+    net = VarifocalNet(cfg, 64).eval()
+    x = torch.rand(2, 1, 64, 64)
+    teacher = result.teacher.backbone.model.eval()
+    with torch.no_grad():
+        got = net(x, ("g", "l"))
+        assert torch.allclose(got["g_feat"], teacher((x - 0.4) / 0.2), atol=1e-5)
+        small = torch.nn.functional.interpolate(x, size=(32, 32), mode="area")
+        assert torch.allclose(got["l_feat"], teacher((small - 0.4) / 0.2), atol=1e-5)
+    # random init sees the [0, 1] images unchanged
+    plain = VarifocalNet(KaryotypeModelConfig(variant="g_only", g_backbone="convnext_atto"), 64).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x, ("g",))["g_feat"], plain.g_backbone(x))

@@ -73,11 +73,7 @@ def describe_weights(weights: str | Path, backbone: Backbone) -> dict[str, objec
 
 def input_stats(backbone: Backbone) -> tuple[float, float]:
     """(mean, std) to normalize [0, 1] intensities: the exported 1-channel values, else the defaults."""
-    cfg = backbone.pretrained_cfg
-    mean, std = cfg.get("mean"), cfg.get("std")
-    if mean is not None and std is not None and len(mean) == 1 and len(std) == 1 and float(std[0]) > 0:
-        return float(mean[0]), float(std[0])
-    return DEFAULT_MEAN, DEFAULT_STD
+    return backbone.recorded_input_stats() or (DEFAULT_MEAN, DEFAULT_STD)
 
 
 def to_input(images: np.ndarray | torch.Tensor, stats: tuple[float, float]) -> torch.Tensor:

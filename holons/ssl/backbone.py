@@ -46,6 +46,15 @@ class Backbone(nn.Module):
         """timm's pretrained config of the wrapped model (mean, std, input size...)."""
         return dict(getattr(self.model, "pretrained_cfg", {}))
 
+    def recorded_input_stats(self) -> tuple[float, float] | None:
+        """(mean, std) of the 1-channel inputs the weights were trained on, as recorded in the export's
+        ``config.json``; None when nothing usable is recorded (random init, timm's 3-channel defaults)."""
+        cfg = self.pretrained_cfg
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if mean is not None and std is not None and len(mean) == 1 and len(std) == 1 and float(std[0]) > 0:
+            return float(mean[0]), float(std[0])
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding, ``B x D`` (the model's own global pooling and pre-logits norm)."""
         return self.model(x)

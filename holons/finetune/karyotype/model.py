@@ -121,6 +121,9 @@ class VarifocalNet(nn.Module):
         kw = {"drop_rate": cfg.drop_rate} if cfg.drop_rate else {}
         self.g_backbone = create_backbone(cfg.g_backbone, in_chans=in_chans,
                                           pretrained_dir=cfg.g_pretrained_dir, **kw)
+        # Foundation weights see inputs normalized as in pretraining (recorded in the export); a
+        # randomly initialised backbone sees the [0, 1] images as they are ([mean, std] = [0, 1]).
+        self.register_buffer("g_norm", self._norm(self.g_backbone, cfg.g_pretrained_dir))
         d = self._probe(self.g_backbone, self.input_size, "G-Net")
         self.g_type = nn.Linear(d, NUM_TYPES)
         self.g_polarity = nn.Linear(d, 2)
@@ -133,11 +136,21 @@ class VarifocalNet(nn.Module):
         if self.has_lnet:
             self.l_backbone = create_backbone(cfg.l_backbone, in_chans=in_chans,
                                               pretrained_dir=cfg.l_pretrained_dir, **kw)
+            self.register_buffer("l_norm", self._norm(self.l_backbone, cfg.l_pretrained_dir))
             dl = self._probe(self.l_backbone, self.l_size, "L-Net")
             self.l_type = nn.Linear(dl, NUM_TYPES)
             self.l_polarity = nn.Linear(dl, 2)
             self.fusion_type = _mlp(d + dl, cfg.fusion_hidden, NUM_TYPES)
             self.fusion_polarity = _mlp(d + dl, cfg.fusion_hidden, 2)
+
+    @staticmethod
+    def _norm(backbone: nn.Module, pretrained_dir: str | None) -> torch.Tensor:
+        stats = backbone.recorded_input_stats() if pretrained_dir else None
+        return torch.tensor(stats or (0.0, 1.0), dtype=torch.float32)
+
+    @staticmethod
+    def _normalized(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        return (x - norm[0]) / norm[1]
 
     @staticmethod
     def _probe(backbone: nn.Module, size: int, what: str) -> int:
@@ -173,7 +186,7 @@ class VarifocalNet(nn.Module):
         ``parts``: ``g`` (G logits), ``box``, ``l`` (L logits; implies box), ``fusion`` (implies l).
         """
         out: dict[str, torch.Tensor] = {}
-        g_feat = self.g_backbone(self.g_input(source))
+        g_feat = self.g_backbone(self._normalized(self.g_input(source), self.g_norm))
         out["g_feat"] = g_feat
         if "g" in parts:
             out["g_type"], out["g_polarity"] = self.g_type(g_feat), self.g_polarity(g_feat)
@@ -181,7 +194,7 @@ class VarifocalNet(nn.Module):
         if self.has_localizer and ("box" in parts or need_l):
             out["box"] = bound_box(self.localizer(g_feat))
         if need_l:
-            l_feat = self.l_backbone(self.l_input(source, out.get("box")))
+            l_feat = self.l_backbone(self._normalized(self.l_input(source, out.get("box")), self.l_norm))
             out["l_feat"] = l_feat
             out["l_type"], out["l_polarity"] = self.l_type(l_feat), self.l_polarity(l_feat)
             if "fusion" in parts:

@@ -545,5 +545,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     cfg = load_config(KaryotypeConfig, None, meta["config"])
     cfg.model.g_pretrained_dir = cfg.model.l_pretrained_dir = None  # the weights come from the folder
     model = VarifocalNet(cfg.model, meta["input_size"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    state = load_file(str(folder / WEIGHTS_FILE))
+    for key in ("g_norm", "l_norm"):  # folders written before input normalization was recorded
+        if key in model.state_dict():
+            state.setdefault(key, torch.tensor([0.0, 1.0]))
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
