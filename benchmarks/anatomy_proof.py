@@ -5,10 +5,9 @@ Pipeline (everything under ``--out``):
 
 1. ``phantoms/``: synthetic PA chest radiographs with ground-truth landmarks
    (``generate_radiographs``; train / val / test split by patient).
-2. ``train_dicom/``: hard links (copies where links fail) of the TRAIN-split DICOMs only;
-   ``manifest.parquet`` and ``cache/`` are built from that folder alone, so no held-out patient
-   is ever seen in pretraining (the cache is built with split fractions (1, 0, 0): every cached
-   image is a training image).
+2. ``manifest.parquet`` and ``cache/`` are built from ``phantoms/dicom/train/`` alone (the
+   generator writes DICOMs by split), so no held-out patient is ever seen in pretraining (the
+   cache is built with split fractions (1, 0, 0): every cached image is a training image).
 3. ``runs/<method>_s<seed>/``: ``pretrain`` of ``--config-adamv2`` and ``--config-dino`` (default
    ``configs/pretrain/cpu_tiny*.yaml``) with the curriculum rewritten to ``steps_per_level`` so
    that both runs take exactly ``--steps`` optimizer steps (adamv2 keeps the curriculum's stage /
@@ -109,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch CPU threads (OMP_NUM_THREADS is set too); 1 is fastest on a busy "
                         "2-core machine")
     p.add_argument("--device", default="auto", help="pretraining / evaluation device (auto, cpu, cuda)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="pretraining runs at a time, in separate processes (e.g. 6 on one GPU)")
     args = p.parse_args(argv)
     if args.eval_split == "train":
         p.error("--eval-split must be a held-out split (test or val), not train")
@@ -133,7 +134,7 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     from holons.data.synthetic.radiographs import generate_radiographs
     from holons.files import atomic_write
 
-    root, phantoms, train_dir = args.out, args.out / "phantoms", args.out / "train_dicom"
+    root, phantoms = args.out, args.out / "phantoms"
     settings = {"n": args.n_phantoms, "size": args.phantom_size, "seed": args.data_seed,
                 "cache_size": args.cache_size}
     stamp = root / "data_settings.json"
@@ -141,7 +142,7 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.reuse and _settings_match(stamp, settings) and (root / "cache" / "cache.json").is_file():
         _log("data: reusing phantoms and cache")
     else:
-        for p in (phantoms, train_dir, root / "cache", root / "manifest.parquet"):
+        for p in (phantoms, root / "cache", root / "manifest.parquet"):
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
@@ -150,16 +151,8 @@ def prepare_data(args: argparse.Namespace) -> dict[str, Any]:
         generate_radiographs(phantoms, n=args.n_phantoms, seed=args.data_seed, size=args.phantom_size,
                              formats=("dicom", "png"), progress=False)
         _log(f"data: {args.n_phantoms} phantoms in {time.perf_counter() - t0:.0f} s")
-        table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-        train_dir.mkdir(parents=True)
-        for image_id in table.loc[table["split"] == "train", "id"]:
-            src, dst = phantoms / "dicom" / f"{image_id}.dcm", train_dir / f"{image_id}.dcm"
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-        index_archive(train_dir, root / "manifest.parquet", secret=b"anatomy-proof", modalities=None,
-                      progress=False)
+        index_archive(phantoms / "dicom" / "train", root / "manifest.parquet", secret=b"anatomy-proof",
+                      modalities=None, progress=False)
         build_cache(root / "manifest.parquet", root / "cache", size=args.cache_size, progress=False,
                     split_fractions=(1.0, 0.0, 0.0))
         with atomic_write(stamp, "w") as f:
@@ -242,6 +235,31 @@ def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str
     _log(f"pretrain: {run_dir.name} finished {result.step} steps in {wall:.0f} s")
     return {"run_dir": str(run_dir), "exported": str(exported), "reused": False, "wall_s": round(wall, 1),
             **_run_summary(run_dir)}
+
+
+def run_all_pretraining(jobs: list[tuple[str, int, dict[str, Any]]], out: Path,
+                        args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (method, seed) run, one after another or ``--jobs`` at a time in spawned processes
+    (small models leave a GPU mostly idle, so parallel runs share it well). Same results either way:
+    each run is seeded by its config alone."""
+    dirs = [out / "runs" / f"{method}_s{seed}" for method, seed, _ in jobs]
+    if args.jobs <= 1 or len(jobs) <= 1:
+        return [run_pretraining(cfg, d, args.reuse) for (_, _, cfg), d in zip(jobs, dirs, strict=True)]
+    import multiprocessing as mp
+    import signal
+
+    def _stop(signum: int, frame: Any) -> None:  # SIGTERM (e.g. `timeout`): leave no orphaned runs
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:  # Pool.__exit__ terminates the workers, also when an exception or SystemExit leaves the block
+        with mp.get_context("spawn").Pool(args.jobs, initializer=torch.set_num_threads,
+                                          initargs=(args.threads,)) as pool:
+            pending = [pool.apply_async(run_pretraining, (cfg, d, args.reuse))
+                       for (_, _, cfg), d in zip(jobs, dirs, strict=True)]
+            return [r.get() for r in pending]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def export_student(run_dir: Path, folder: Path) -> str:
@@ -402,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in args.methods}
     arch = None
     budgets: dict[int, int] = {}
+    jobs: list[tuple[str, int, dict[str, Any]]] = []
     for seed in args.seeds:
         for method in args.methods:
             cfg = budget_config(configs[method], args.steps, args.batch_size, seed, out / "cache",
@@ -418,12 +437,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             arch = model_arch
             _log(f"pretrain: {method} seed {seed}, {budget} steps, curriculum "
                  f"{[(s['mode'], s['levels'], s['steps_per_level']) for s in cfg['curriculum']['stages']]}")
-            runs[method][seed] = {"config": str(configs[method]),
-                                  "curriculum": cfg["curriculum"]["stages"],
-                                  **run_pretraining(cfg, out / "runs" / f"{method}_s{seed}", args.reuse)}
-            if args.students:
-                runs[method][seed]["exported_student"] = export_student(
-                    out / "runs" / f"{method}_s{seed}", out / "students" / f"{method}_s{seed}")
+            jobs.append((method, seed, cfg))
+    for (method, seed, cfg), done in zip(jobs, run_all_pretraining(jobs, out, args), strict=True):
+        runs[method][seed] = {"config": str(configs[method]), "curriculum": cfg["curriculum"]["stages"],
+                              **done}
+        if args.students:
+            runs[method][seed]["exported_student"] = export_student(
+                out / "runs" / f"{method}_s{seed}", out / "students" / f"{method}_s{seed}")
 
     data = load_annotated(out / "phantoms")
     settings: dict[str, Any] = {}

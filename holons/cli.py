@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def _cmd_synth_radiographs(args: argparse.Namespace) -> int:
     from holons.data.synthetic.radiographs import generate_radiographs
 
     table = generate_radiographs(args.out, n=args.n, seed=args.seed, size=args.size)
-    print(f"wrote {args.n} phantoms; image table: {table}")
+    print(f"wrote {args.n} phantoms; image table: {table}; to pretrain, index "
+          f"{args.out / 'dicom' / 'train'} (val / test are held out for evaluation)")
     return 0
 
 
@@ -118,6 +120,8 @@ def _cmd_synth_karyotypes(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- demo
 DEMO_KARYOGRAM_CASE = "syn00000.01"
+# Bumped when the demo's folder layout changes incompatibly; version 2 pretrains on dicom/train only.
+DEMO_LAYOUT_VERSION = 2
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -140,13 +144,23 @@ def _configs_dir() -> Path:
     return folder
 
 
+def demo_pretrain_archive(out: Path) -> Path:
+    """The folder the demo indexes for pretraining: the phantoms' train-split DICOMs only.
+
+    The comparison evaluates on the phantoms' val / test images, so those never reach the
+    pretraining cache (the generator writes DICOMs to ``dicom/<split>/``).
+    """
+    return out / "phantoms" / "dicom" / "train"
+
+
 def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> list[tuple[str, list[str]]]:
     """The demo as a list of (title, CLI arguments): each step is a command a user could type.
 
-    Full size (about 10-15 minutes on 2 cores): 300 phantoms of 256 px cached at 128 px, cpu_tiny
-    pretraining (48 steps each for ``adamv2`` and ``dino``), the tiny karyotype config, and the
-    comparison over 3 seeds. ``fast`` shrinks everything to a smoke test. Pretraining always passes
-    ``resume=true`` and an interrupted karyotype run gets ``--resume``, so a rerun continues.
+    Full size (about 10-15 minutes on 2 cores): 300 phantoms of 256 px, the train-split ones (about
+    70 %) indexed and cached at 128 px, cpu_tiny pretraining (36 steps each for ``adamv2`` and
+    ``dino``), the tiny karyotype config, and the comparison over 3 seeds on the held-out phantoms.
+    ``fast`` shrinks everything to a smoke test. Pretraining always passes ``resume=true`` and an
+    interrupted karyotype run gets ``--resume``, so a rerun continues.
     """
     cfg = _configs_dir()
     size, cache_size, cases = ("64", "64", "12") if fast else ("256", "128", "20")
@@ -171,11 +185,12 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> li
         ("synthesize new karyotypes to predict",
          ["synth", "karyotypes", "--out", str(out / "karyotypes_new"), "--cases", "3",
           "--seed", str(seed + 1), "--abnormal-rate", "0.5"]),
-        ("index the phantom archive (DICOM)",
-         ["index", str(out / "phantoms" / "dicom"), "--out", str(out / "manifest.parquet"),
+        ("index the phantoms' train-split DICOMs (val / test are held out for evaluation)",
+         ["index", str(demo_pretrain_archive(out)), "--out", str(out / "manifest.parquet"),
           "--secret-file", str(out / "site_secret.txt")]),
-        ("decode once into the cache",
-         ["cache", str(out / "manifest.parquet"), "--out", str(out / "cache"), "--size", cache_size]),
+        ("decode once into the cache (all of it for pretraining: the held-out split is already apart)",
+         ["cache", str(out / "manifest.parquet"), "--out", str(out / "cache"), "--size", cache_size,
+          "--split-fractions", "1", "0", "0"]),
     ]
     for method, config in (("adamv2", "cpu_tiny.yaml"), ("dino", "cpu_tiny_dino.yaml")):
         steps.append((f"pretrain {method} (cpu_tiny)",
@@ -226,8 +241,12 @@ def _load_demo_state(path: Path, settings: dict) -> dict:
         done = [list(map(str, a)) for a in state["done"]]
     except (ValueError, KeyError, TypeError):
         return {"settings": settings, "done": []}
-    if state.get("settings") != settings:
-        made = ", ".join(f"{k} {v}" for k, v in state.get("settings", {}).items())
+    made_with = state.get("settings") or {}
+    if made_with.get("layout") != settings.get("layout"):
+        raise HolonsError(f"{path.parent} holds a demo made by another holons version with another folder "
+                          "layout; use another --out or delete that folder")
+    if made_with != settings:
+        made = ", ".join(f"{k} {v}" for k, v in made_with.items() if k != "layout")
         raise HolonsError(f"{path.parent} holds a demo made with other settings ({made}); "
                           "use another --out or delete that folder")
     return {"settings": settings, "done": done}
@@ -274,7 +293,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "demo_state.json"
-    state = _load_demo_state(state_file, {"n": args.n, "seed": args.seed, "fast": args.fast})
+    state = _load_demo_state(state_file, {"n": args.n, "seed": args.seed, "fast": args.fast,
+                                          "layout": DEMO_LAYOUT_VERSION})
     secret_file = out / "site_secret.txt"
     if not secret_file.exists():
         # The demo's data are synthetic, so its "site secret" is derived from the seed: the
@@ -335,10 +355,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(args.config, args.out, args.overrides)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
-    if result.status == "terminated":
-        print(f"stopped by SIGTERM at step {result.step}/{result.total_steps}; checkpoint written; "
+    if result.status == "terminated":  # exit like the signal (143 SIGTERM, 130 SIGINT): the run is not done
+        name = signal.Signals(result.signum).name
+        print(f"stopped by {name} at step {result.step}/{result.total_steps}; checkpoint written; "
               f"continue with: holons pretrain --config {args.config} --out {args.out} resume=true",
               file=sys.stderr)
+        return 128 + result.signum
     elif result.status == "stopped":
         print(f"stopped at max_steps: step {result.step}/{result.total_steps}; run dir {args.out}")
     else:
@@ -399,13 +421,20 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_karyotype_train(args: argparse.Namespace) -> int:
     import json
+    import shlex
 
     from holons.config import load_config
     from holons.finetune.karyotype.config import KaryotypeConfig
-    from holons.finetune.karyotype.train import train_karyotype
+    from holons.finetune.karyotype.train import KaryotypeInterrupted, train_karyotype
 
     cfg = load_config(KaryotypeConfig, args.config, args.overrides)
-    summary = train_karyotype(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+    try:
+        summary = train_karyotype(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+    except KaryotypeInterrupted as e:  # state saved; exit like the signal (143 SIGTERM, 130 SIGINT)
+        command = ["holons", "karyotype", "train"] + (["--config", str(args.config)] if args.config else [])
+        command += ["--data", str(args.data), "--out", str(args.out), "--resume", *args.overrides]
+        print(f"holons karyotype train: {e}\ncontinue with: {shlex.join(command)}", file=sys.stderr)
+        return 128 + e.signum
     print(json.dumps({k: v for k, v in summary.items() if k != "confusion"}, indent=2))
     return 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
+import pandas as pd
 import torch
 
 from holons.cli import demo_steps, main
@@ -26,6 +28,37 @@ def test_demo_steps_are_cli_commands(tmp_path):
     assert compare[compare.index("--seeds") + 1:compare.index("--seeds") + 4] == ["0", "1", "2"]
 
 
+def _cached_ids_by_split(out: Path) -> dict[str, set[str]]:
+    """The phantom split of every image in the demo's pretraining cache."""
+    table = pd.read_csv(out / "phantoms" / "image_table.csv", dtype=str, keep_default_na=False)
+    split_of = dict(zip(table["id"], table["split"], strict=True))
+    cached = pd.read_parquet(out / "cache" / "index.parquet")
+    by_split: dict[str, set[str]] = {}
+    for path in cached["path"]:
+        image_id = Path(path).stem
+        by_split.setdefault(split_of[image_id], set()).add(image_id)
+    return by_split
+
+
+def test_demo_pretraining_cache_holds_no_evaluation_image(tmp_path):
+    """Run the fast demo's data steps (synthesize, index, cache): only train-split phantoms are cached."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "site_secret.txt").write_text("test-secret\n")
+    steps = [argv for _, argv in demo_steps(out, n=12, fast=True)
+             if argv[:2] == ["synth", "radiographs"] or argv[0] in ("index", "cache")]
+    assert [argv[0] for argv in steps] == ["synth", "index", "cache"]
+    for argv in steps:
+        assert main(argv) == 0, argv
+    table = pd.read_csv(out / "phantoms" / "image_table.csv", dtype=str, keep_default_na=False)
+    assert {"val", "test"} <= set(table["split"])  # there are evaluation images to leak
+    by_split = _cached_ids_by_split(out)
+    assert set(by_split) == {"train"}, {s: sorted(ids)[:3] for s, ids in by_split.items()}
+    assert by_split["train"] == set(table.loc[table["split"] == "train", "id"])  # and every train image
+    cache_index = pd.read_parquet(out / "cache" / "index.parquet")
+    assert set(cache_index["split"]) == {"train"}  # pretraining (data.split=train) sees all of them
+
+
 def test_fast_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     t0 = time.perf_counter()
@@ -44,6 +77,7 @@ def test_fast_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert (out / "karyotype" / "predictions" / "predictions.csv").is_file()
     for method in ("adamv2", "dino"):
         assert (out / "weights" / method / "model.safetensors").is_file()
+    assert set(_cached_ids_by_split(out)) == {"train"}  # pretrained without the evaluated phantoms
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["methods"] == ["random", "dino", "adamv2"] and summary["seeds"] == [0, 1]
     # the closing lines: where the report is and the summary table of the three weight sets
@@ -61,3 +95,14 @@ def test_fast_demo_end_to_end_and_rerun(tmp_path, capsys):
     # other settings into the same folder are refused with one clear line
     assert main(["demo", "--out", str(out), "--n", "16", "--fast"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_demo_folder_of_an_older_layout_is_refused(tmp_path, capsys):
+    """A folder of a demo that pretrained on every phantom is not resumed: its runs saw evaluation images."""
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "demo_state.json").write_text(json.dumps({"settings": {"n": 12, "seed": 0, "fast": True},
+                                                     "done": []}))
+    assert main(["demo", "--out", str(out), "--n", "12", "--fast"]) == 2
+    assert "another holons version" in capsys.readouterr().err
+    assert not (out / "phantoms").exists()

@@ -62,9 +62,10 @@ def test_layout_and_image_table(phantoms):
     rows = _table(phantoms)
     assert len(rows) == N
     assert {r["id"] for r in rows} == {p.stem for p in (phantoms / "images").glob("*.png")}
-    assert {r["id"] for r in rows} == {p.stem for p in (phantoms / "dicom").glob("*.dcm")}
+    assert {r["id"] for r in rows} == {p.stem for p in (phantoms / "dicom").rglob("*.dcm")}
     for r in rows:
         assert (phantoms / r["image_path"]).is_file() and (phantoms / r["dicom_path"]).is_file()
+        assert r["dicom_path"] == f"dicom/{r['split']}/{r['id']}.dcm"  # DICOMs sorted by split
         for s in STRUCTURES:
             assert _mask(phantoms, s, r["id"]).shape == (SIZE, SIZE)
             points = _landmarks(phantoms, s, r["id"])
@@ -98,8 +99,8 @@ def test_same_seed_same_files_other_seed_differs(phantoms, tmp_path):
     assert len(files) == N * 11 + 2
     for rel in files:
         assert (phantoms / rel).read_bytes() == (again / rel).read_bytes(), rel
-    for dcm in sorted((phantoms / "dicom").glob("*.dcm")):
-        a, b = pydicom.dcmread(dcm), pydicom.dcmread(again / "dicom" / dcm.name)
+    for dcm in sorted((phantoms / "dicom").rglob("*.dcm")):
+        a, b = pydicom.dcmread(dcm), pydicom.dcmread(again / dcm.relative_to(phantoms))
         assert a.PixelData == b.PixelData
         for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             assert a[tag].value == b[tag].value
@@ -262,14 +263,32 @@ def test_index_archive_pseudonymises_patients(phantoms, tmp_path):
 def test_rerun_into_a_phantom_folder_replaces_the_set(tmp_path):
     out = tmp_path / "set"
     generate_radiographs(out, n=4, seed=0, size=64, workers=1, progress=False)
-    assert len(list((out / "dicom").glob("*.dcm"))) == 4
+    assert len(list((out / "dicom").rglob("*.dcm"))) == 4
     (out / "image_table.csv").unlink()  # as if the first run had been interrupted
     generate_radiographs(out, n=2, seed=0, size=64, formats=("png",), workers=1, progress=False)
     assert len(_table(out)) == 2
     assert len(list((out / "images").glob("*.png"))) == 2
     assert len(list((out / "masks" / "heart").glob("*.png"))) == 2
     assert len(list((out / "landmarks" / "LL").glob("*.npy"))) == 2
-    assert not list((out / "dicom").glob("*.dcm"))  # no stale DICOM left for `holons index` to find
+    assert not list((out / "dicom").rglob("*.dcm"))  # no stale DICOM left for `holons index` to find
+
+
+def test_pretraining_archive_dicom_train_holds_only_train_patients(tmp_path):
+    """``dicom/train`` is the archive to pretrain on: exactly the train split; a rerun whose split
+    assignment moves patients (other n) and an old flat ``dicom/<id>.dcm`` leave no stale copy behind."""
+    out = tmp_path / "set"
+    generate_radiographs(out, n=12, seed=0, size=64, formats=("dicom",), workers=1, progress=False)
+    before = {r["id"]: r["split"] for r in _table(out)}
+    (out / "dicom" / "phantom_0000_00.dcm").write_bytes(b"")  # a file of the older flat layout
+    generate_radiographs(out, n=21, seed=0, size=64, formats=("dicom",), workers=1, progress=False)
+    rows = _table(out)
+    assert any(before.get(r["id"], r["split"]) != r["split"] for r in rows)  # some patients moved split
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "dicom").rglob("*") if p.is_file()}
+    assert on_disk == {r["dicom_path"] for r in rows}
+    for split in ("train", "val", "test"):
+        assert {p.stem for p in (out / "dicom" / split).glob("*.dcm")} == {
+            r["id"] for r in rows if r["split"] == split}
 
 
 def test_bad_arguments_and_foreign_folders_are_refused(tmp_path):

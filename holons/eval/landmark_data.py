@@ -3,7 +3,7 @@
 Layout (the ``_1024`` suffix of the real set is optional; it is detected)::
 
     ROOT/image_table.csv                          one row per image (id column ``image`` or ``id``)
-    ROOT/images[_1024]/<id>.<png|...>             the radiograph (phantoms: or ``dicom/<id>.dcm``)
+    ROOT/images[_1024]/<id>.<png|...>             the radiograph (phantoms: or ``dicom/<split>/<id>.dcm``)
     ROOT/masks[_1024]/<structure>/<id>.png        255 inside
     ROOT/landmarks[_1024]/<RL|LL|H|RCLA|LCLA>/<id>.npy   (N, 2) float (x, y) pixels of the image frame
 
@@ -86,8 +86,8 @@ class AnnotatedRadiographs:
 
     def image_path(self, image_id: str) -> Path:
         if not self._image_files:
-            for d in reversed(self.image_dirs):  # earlier folders win
-                for p in d.iterdir():
+            for d in reversed(self.image_dirs):  # earlier folders win; phantom DICOMs sit in dicom/<split>/
+                for p in sorted(d.rglob("*")):
                     if p.is_file() and not p.name.startswith("."):
                         self._image_files[p.stem] = p
         path = self._image_files.get(image_id)

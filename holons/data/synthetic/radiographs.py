@@ -15,11 +15,15 @@ bulges to the image's right. Bright means dense (bone, heart), dark means air (l
 Output layout of ``generate_radiographs(out, ...)``::
 
     out/images/<id>.png                      8-bit PNG (when "png" in formats)
-    out/dicom/<id>.dcm                       12-bit CR/DX DICOM (when "dicom" in formats)
+    out/dicom/<train|val|test>/<id>.dcm      12-bit CR/DX DICOM, by split (when "dicom" in formats)
     out/masks/<structure>/<id>.png           255 inside
     out/landmarks/<RL|LL|H|RCLA|LCLA>/<id>.npy   (N, 2) float64 (x, y) pixel coordinates
     out/landmarks_long.csv                   image,structure,point_index,x,y
     out/image_table.csv                      one row per image: ids, split, findings, paths
+
+The DICOMs stand in for a hospital archive, and they are sorted by split so that pretraining can
+index ``dicom/train`` alone: the val / test images, on which correspondence and few-shot
+segmentation are evaluated, then never reach a pretraining cache.
 """
 
 from __future__ import annotations
@@ -849,6 +853,11 @@ class _Job:
     formats: tuple[str, ...]
 
 
+def dicom_relpath(image_id: str, split: str) -> str:
+    """Where an image's DICOM lives, relative to the phantom folder: ``dicom/<split>/<id>.dcm``."""
+    return f"dicom/{split}/{image_id}.dcm"
+
+
 def _patient_params(seed: int, patient: int, findings_rate: float) -> PhantomParams:
     return sample_patient(np.random.default_rng([seed, patient, 0]), findings_rate=findings_rate)
 
@@ -878,7 +887,7 @@ def _make_image(job: _Job) -> tuple[dict[str, object], dict[str, np.ndarray]]:
         image_path = f"images/{job.image_id}.png"
         _write_png(out / image_path, np.round(phantom.image * 255).astype(np.uint8))
     if "dicom" in job.formats:
-        dicom_path = f"dicom/{job.image_id}.dcm"
+        dicom_path = dicom_relpath(job.image_id, job.split)
         data = radiograph_dicom_bytes(
             phantom.image, patient_id=job.patient_id, sex=patient.sex,
             modality=modality, photometric=photometric, pixel_spacing_mm=spacing,
@@ -947,10 +956,12 @@ def generate_radiographs(
 
     Images come in groups of ``images_per_patient`` acquisitions of one synthetic patient, and
     the train/val/test split is by patient. The same ``seed`` gives identical files (DICOM: the
-    same pixels and UIDs) whatever ``workers`` is. ``formats`` picks "png" and/or "dicom" images;
-    masks and landmarks are always written; ``image_table.csv`` is written last, so a set without
-    it is incomplete. A folder holding an earlier phantom set is updated in place (files the new
-    set does not own are removed); folders holding anything else are refused.
+    same pixels and UIDs) whatever ``workers`` is. ``formats`` picks "png" and/or "dicom" images
+    (DICOMs go to ``dicom/<split>/``, so ``holons index out/dicom/train`` gives a pretraining
+    archive without the evaluation images); masks and landmarks are always written;
+    ``image_table.csv`` is written last, so a set without it is incomplete. A folder holding an
+    earlier phantom set is updated in place (files the new set does not own are removed); folders
+    holding anything else are refused.
     """
     formats = tuple(formats)
     _check_args(n, size, images_per_patient, findings_rate, formats)
@@ -989,7 +1000,8 @@ def generate_radiographs(
             bar.update()
     bar.close()
 
-    _remove_stale(out, old_ids, {job.image_id for job in jobs}, formats)
+    new_dicoms = {str(row["dicom_path"]) for row, _ in results if row["dicom_path"]}
+    _remove_stale(out, old_ids, {job.image_id for job in jobs}, new_dicoms, formats)
     _write_landmarks_csv(out / "landmarks_long.csv", [(r[0]["id"], r[1]) for r in results])
     table = out / "image_table.csv"
     with atomic_write(table, "w") as f:
@@ -1039,22 +1051,39 @@ def _previous_ids(out: Path) -> set[str]:
         raise SynthError(f"refusing to write phantoms into a non-empty folder with other files "
                          f"({', '.join(foreign[:3])}): {out}")
     ids = set()
-    for sub in ("images", "dicom", "masks/*", "landmarks/*"):
+    for sub in ("images", "masks/*", "landmarks/*"):
         for folder in out.glob(sub):
             if folder.is_dir():
-                ids.update(p.stem for p in folder.iterdir() if p.suffix in (".png", ".dcm", ".npy"))
+                ids.update(p.stem for p in folder.iterdir() if p.suffix in (".png", ".npy"))
+    ids.update(p.stem for p in _previous_dicoms(out))
     return ids
 
 
-def _remove_stale(out: Path, old_ids: set[str], new_ids: set[str], formats: tuple[str, ...]) -> None:
-    """Delete the files of an earlier set that the new set does not own (other ids, dropped formats)."""
+def _previous_dicoms(out: Path) -> list[Path]:
+    """DICOMs of an earlier set: ``dicom/<split>/*.dcm``, and ``dicom/*.dcm`` of the older flat layout."""
+    return [p for pattern in ("dicom/*.dcm", *(f"dicom/{s}/*.dcm" for s in SPLIT_FRACTIONS))
+            for p in out.glob(pattern) if p.is_file()]
+
+
+def _remove_stale(out: Path, old_ids: set[str], new_ids: set[str], new_dicoms: set[str],
+                  formats: tuple[str, ...]) -> None:
+    """Delete the files of an earlier set that the new set does not own (other ids, dropped formats).
+
+    A DICOM is stale unless it sits at a path of ``new_dicoms``: an image whose patient moved to
+    another split leaves no copy in its old split's folder for ``holons index`` to find.
+    """
+    for path in _previous_dicoms(out):
+        if path.relative_to(out).as_posix() not in new_dicoms:
+            path.unlink(missing_ok=True)
+    for split in SPLIT_FRACTIONS:
+        folder = out / "dicom" / split
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     for image_id in old_ids:
         gone = image_id not in new_ids
         paths = []
         if gone or "png" not in formats:
             paths.append(out / "images" / f"{image_id}.png")
-        if gone or "dicom" not in formats:
-            paths.append(out / "dicom" / f"{image_id}.dcm")
         if gone:
             paths += [out / "masks" / s / f"{image_id}.png" for s in STRUCTURES]
             paths += [out / "landmarks" / LANDMARK_KEYS[s] / f"{image_id}.npy" for s in STRUCTURES]
