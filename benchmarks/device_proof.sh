@@ -30,7 +30,7 @@ cat "$OUT/gpu.txt"
 common=(--device "$DEVICE" --n-phantoms "$N_PHANTOMS" --batch-size "$BATCH" --threads 2 --students)
 echo "== calibration"
 timeout 180 $PY benchmarks/anatomy_proof.py --out /tmp/proof "${common[@]}" --seeds 0 --steps "$CAL_STEPS" --jobs 2 \
-  --eval-stages 1 --pairs 20 --bootstrap 200 "$@" > "$OUT/calibration.log" 2>&1
+  --eval-stages 3 --pairs 20 --bootstrap 200 "$@" > "$OUT/calibration.log" 2>&1
 rc=$?
 tail -5 "$OUT/calibration.log"
 [ $rc -eq 0 ] || { echo "calibration failed (rc $rc)"; tail -60 "$OUT/calibration.log"; exit 5; }
@@ -54,7 +54,7 @@ EOF
 steps=${STEPS:-$steps}
 echo "== proof: $steps steps per run, 3 seeds, 6 parallel runs (calibration $(( $(date +%s) - t_start )) s so far)"
 timeout "$left" $PY benchmarks/anatomy_proof.py --out /tmp/proof --reuse "${common[@]}" \
-  --seeds 0 1 2 --steps "$steps" --jobs 6 --eval-sizes 128 --eval-stages 1 "$@" > "$OUT/proof.log" 2>&1
+  --seeds 0 1 2 --steps "$steps" --jobs 6 --eval-sizes 128 --eval-stages 3 "$@" > "$OUT/proof.log" 2>&1
 rc=$?
 tail -3 "$OUT/proof.log"
 for f in results.json results.md; do cp "/tmp/proof/$f" "$OUT/proof_$f" 2>/dev/null; done
