@@ -156,9 +156,10 @@ def demo_pretrain_archive(out: Path) -> Path:
 def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> list[tuple[str, list[str]]]:
     """The demo as a list of (title, CLI arguments): each step is a command a user could type.
 
-    Full size (about 10-15 minutes on 2 cores): 300 phantoms of 256 px, the train-split ones (about
-    70 %) indexed and cached at 128 px, cpu_tiny pretraining (36 steps each for ``adamv2`` and
-    ``dino``), the tiny karyotype config, and the comparison over 3 seeds on the held-out phantoms.
+    Full size (about 2-3 minutes on 2 idle cores, longer on a busy machine): 300 phantoms of 256 px,
+    the train-split ones (about 70 %) indexed and cached at 128 px, cpu_tiny pretraining (36 steps
+    each for ``adamv2`` and ``dino``), the tiny karyotype config, and the comparison over 3 seeds on
+    the held-out phantoms.
     ``fast`` shrinks everything to a smoke test. Pretraining always passes ``resume=true`` and an
     interrupted karyotype run gets ``--resume``, so a rerun continues.
     """
