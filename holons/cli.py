@@ -156,8 +156,8 @@ def demo_pretrain_archive(out: Path) -> Path:
 def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> list[tuple[str, list[str]]]:
     """The demo as a list of (title, CLI arguments): each step is a command a user could type.
 
-    Full size (about 2-3 minutes on 2 idle cores, longer on a busy machine): 300 phantoms of 256 px,
-    the train-split ones (about 70 %) indexed and cached at 128 px, cpu_tiny pretraining (36 steps
+    Full size (about 5 minutes on 2 idle cores, longer on a busy machine): 300 phantoms of 256 px,
+    the train-split ones (about 70 %) indexed and cached at 128 px, cpu_tiny pretraining (240 steps
     each for ``adamv2`` and ``dino``), the tiny karyotype config, and the comparison over 3 seeds on
     the held-out phantoms.
     ``fast`` shrinks everything to a smoke test. Pretraining always passes ``resume=true`` and an
@@ -165,7 +165,10 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> li
     """
     cfg = _configs_dir()
     size, cache_size, cases = ("64", "64", "12") if fast else ("256", "128", "20")
-    pretrain_extra = []
+    # The budget of benchmarks/anatomy_proof.py (240 steps per method, cpu_tiny's stage shares), at
+    # which adamv2 measurably beats random init and dino on held-out phantoms.
+    pretrain_extra = ["curriculum.stages=[{mode: localizability, levels: [0, 1], steps_per_level: 40}, "
+                      "{mode: part_whole, levels: [0, 1], steps_per_level: 80}]"]
     if fast:
         pretrain_extra = [
             "data.batch_size=4", "model.out_dim=128", "model.head_hidden=64", "model.head_bottleneck=32",
