@@ -52,6 +52,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -322,14 +323,21 @@ def _finite(x: Any) -> float:
     return float(x) if x is not None and math.isfinite(float(x)) else 0.0
 
 
+def headline_cells(table: pd.DataFrame) -> dict[str, tuple[str, str, str]]:
+    """{title: (protocol, metric, setting)} of the verdict's metrics: correspondence mean error and the
+    mean Dice of every few-shot setting."""
+    cells = {"correspondence mean error (px)": ("correspondence", "mean error (px)", "all landmarks")}
+    for metric in table.loc[table["protocol"] == "fewshot-seg", "metric"].unique():
+        cells[f"{metric}, mean"] = ("fewshot-seg", metric, "mean")
+    return cells
+
+
 def verdict(summary: dict[str, Any]) -> dict[str, Any]:
     """Does adamv2 beat random and dino on the headline correspondence error and mean Dice by more than
     the seed spread (difference of means larger than the larger of the two sample sds)?"""
     table = pd.DataFrame(summary["table"])
     out: dict[str, Any] = {}
-    heads = {"correspondence mean error (px)": ("correspondence", "mean error (px)", "all landmarks")}
-    for metric in table.loc[table["protocol"] == "fewshot-seg", "metric"].unique():
-        heads[f"{metric}, mean"] = ("fewshot-seg", metric, "mean")
+    heads = headline_cells(table)
     for title, (protocol, metric, setting) in heads.items():
         rows = table[(table["protocol"] == protocol) & (table["metric"] == metric)
                      & (table["setting"] == setting)]
@@ -351,6 +359,46 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pool_over_pretraining(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One compare-like summary across pretraining seeds: every cell is the mean over pretraining seeds of
+    that seed's mean over evaluation seeds, with its sample sd over pretraining seeds (``n`` = their count),
+    so that the verdict's "seed spread" includes the variance of pretraining itself."""
+    seeds = sorted(summaries)
+    keys = ("protocol", "metric", "setting", "method")
+    tables = {s: {tuple(r[k] for k in keys): r for r in summaries[s]["table"]} for s in seeds}
+    rows = []
+    for key, first in tables[seeds[0]].items():
+        per_seed = [_finite(tables[s][key]["mean"]) for s in seeds if key in tables[s]]
+        if len(per_seed) != len(seeds):
+            continue
+        arr = np.asarray(per_seed)
+        rows.append({**dict(zip(keys, key, strict=True)), "n": len(arr), "mean": float(arr.mean()),
+                     "sd": float(arr.std(ddof=1)) if len(arr) > 1 else float("nan"),
+                     "higher_is_better": first["higher_is_better"], "per_seed": per_seed})
+    return {"methods": summaries[seeds[0]]["methods"], "pretrain_seeds": seeds, "table": rows}
+
+
+def paired_gains(pooled: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """adamv2 minus each other method, per pretraining seed (sign: positive is better), as mean and sd of
+    the paired differences over pretraining seeds, for the verdict's headline metrics."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    by = {(r["protocol"], r["metric"], r["setting"], r["method"]): r for r in pooled["table"]}
+    for title, (protocol, metric, setting) in headline_cells(pd.DataFrame(pooled["table"])).items():
+        a = by.get((protocol, metric, setting, "adamv2"))
+        if a is None:
+            continue
+        sign = 1.0 if a["higher_is_better"] else -1.0
+        for other in ("random", "dino"):
+            b = by.get((protocol, metric, setting, other))
+            if b is None:
+                continue
+            d = sign * (np.asarray(a["per_seed"]) - np.asarray(b["per_seed"]))
+            out.setdefault(title, {})[f"vs_{other}"] = {
+                "mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else float("nan"),
+                "wins": int((d > 0).sum()), "n": int(len(d))}
+    return out
+
+
 _VERDICT_WORDS = {True: "beats", False: "does not beat", None: "undecided (one seed)"}
 
 
@@ -369,6 +417,21 @@ def markdown(results: dict[str, Any], headlines: dict[str, str]) -> str:
         for title, entry in results["verdict"][seed].items():
             parts = [f"vs {k.removeprefix('vs_')}: gain {v['gain']:+.3f} (spread {v['spread']:.3f}) -> "
                      f"{_VERDICT_WORDS[v['beats']]}" for k, v in entry.items()]
+            lines.append(f"- adamv2, {title}: " + "; ".join(parts))
+        lines.append("")
+    pooled = results.get("pooled")
+    if pooled:
+        lines += ["## Across pretraining seeds", "",
+                  "Each cell: mean over pretraining seeds of the per-seed mean over evaluation seeds, "
+                  "± sd over pretraining seeds.", "", "```", pooled["headline"], "```", ""]
+        for title, entry in pooled["verdict"].items():
+            parts = []
+            for k, v in entry.items():
+                d = pooled["paired"].get(title, {}).get(k, {})
+                paired = (f"; paired gain {d['mean']:+.3f} ± {d['sd']:.3f}, better in {d['wins']} of {d['n']}"
+                          if d else "")
+                parts.append(f"vs {k.removeprefix('vs_')}: gain {v['gain']:+.3f} "
+                             f"(spread {v['spread']:.3f}) -> {_VERDICT_WORDS[v['beats']]}{paired}")
             lines.append(f"- adamv2, {title}: " + "; ".join(parts))
         lines.append("")
     return "\n".join(lines)
@@ -441,6 +504,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verdicts[seed] = verdict(summary)
         print(headlines[seed], flush=True)
 
+    pooled = None
+    if len(summaries) > 1:
+        table = pool_over_pretraining(summaries)
+        pooled = {"table": table["table"], "headline": format_headline(table), "verdict": verdict(table),
+                  "paired": paired_gains(table)}
+        print(pooled["headline"], flush=True)
     results = {
         "date": stamp["start"],
         "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
@@ -455,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "reports": {str(s): v["report"] for s, v in summaries.items()},
                  "eval_s": round(time.perf_counter() - t_eval, 1)},
         "verdict": {str(s): v for s, v in verdicts.items()},
+        "pooled": pooled,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     text = markdown(results, {str(s): h for s, h in headlines.items()})

@@ -465,7 +465,7 @@ def _cmd_karyotype_karyogram(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluation protocols: correspondence, few-shot segmentation, "
-                       "classification")
+                       "classification, CAM localization")
     ss = p.add_subparsers(dest="protocol", required=True)
 
     def common(q: argparse.ArgumentParser, data_help: str) -> None:
@@ -519,8 +519,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="share of patients held out where the set has no split column")
     k.set_defaults(func=_cmd_evaluate_classify)
 
+    g = ss.add_parser("cam", help="CAM localization of findings (MaxBoxAccV2 against the data prior)")
+    common(g, "phantom set (nodule, cardiomegaly) or JSRT jsrt_scr (nodule)")
+    g.add_argument("--tasks", nargs="+", default=None, help="findings to localize (default: all of the set)")
+    g.add_argument("--size", type=int, default=256, help="image side in pixels")
+    g.add_argument("--seed", type=int, default=0, help="seeds a random init (the probe is deterministic)")
+    g.set_defaults(func=_cmd_evaluate_cam)
+
     m = ss.add_parser("compare", help="several weight sets side by side (random init always): "
-                      "correspondence, few-shot segmentation [, classification] over seeds -> one report")
+                      "correspondence, few-shot segmentation [, classification, CAM] over seeds -> report")
     m.add_argument("--weights", nargs="+", required=True, metavar="NAME=DIR_OR_random",
                    help="weight sets: NAME=exported folder, NAME=random, or a bare folder / 'random'")
     m.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUNDIR",
@@ -533,6 +540,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--classify", action="store_true", help="also classify the phantom findings (kNN, linear)")
     m.add_argument("--classify-data", type=Path, default=None,
                    help="set for classification (default: --data); implies --classify")
+    m.add_argument("--cam", action="store_true",
+                   help="also score CAM localization of the findings on --data (MaxBoxAccV2)")
     m.add_argument("--pairs", type=int, default=None, help="correspondence pairs per seed (default: 10)")
     m.add_argument("--corr-size", type=int, default=None, help="correspondence frame, pixels (default: 128)")
     m.add_argument("--shots", type=int, nargs="+", default=None, help="few-shot sizes (default: 6)")
@@ -585,6 +594,9 @@ def _cmd_evaluate_compare(args: argparse.Namespace) -> int:
     protocols = ["correspondence", "fewshot-seg"]
     if args.classify or args.classify_data:
         protocols.append("classify")
+    if args.cam:
+        protocols.append("cam")
+
     def given(*pairs: tuple[str, object]) -> dict:
         return {k: v for k, v in pairs if v is not None}
 
@@ -613,6 +625,17 @@ def _cmd_evaluate_classify(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(format_classification(summary))
+    print(f"{summary['n_train']} train / {summary['n_test']} test images in {summary['elapsed_s']:.0f} s; "
+          f"results in {args.out / 'results.json'}")
+    return 0
+
+
+def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
+    from holons.eval.localization import format_localization, run_localization
+
+    summary = run_localization(args.weights, args.data, args.out, arch=args.arch, seed=args.seed,
+                               device=args.device, size=args.size, tasks=args.tasks)
+    print(format_localization(summary))
     print(f"{summary['n_train']} train / {summary['n_test']} test images in {summary['elapsed_s']:.0f} s; "
           f"results in {args.out / 'results.json'}")
     return 0

@@ -1,9 +1,11 @@
-"""Metrics of the evaluation protocols: overlap, landmark error, PCK, AUC with bootstrap intervals.
+"""Metrics of the evaluation protocols: overlap, landmark error, PCK, AUC with bootstrap intervals,
+box localization (MaxBoxAccV2).
 
 All functions take plain arrays and return plain Python numbers or dicts, so results serialize
 to JSON directly. Conventions: Dice of two empty masks is 1 (nothing to find, nothing found);
 landmark coordinates are (x, y) pixels; PCK is the percentage of points whose error is at most
-the radius; confidence intervals are percentile bootstraps over items, seeded.
+the radius; confidence intervals are percentile bootstraps over items, seeded. Boxes are
+``(x0, y0, x1, y1)`` in continuous pixel coordinates (pixel ``i`` spans ``[i - 0.5, i + 0.5]``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 __all__ = [
     "dice", "landmark_errors", "pck", "error_summary", "bootstrap_ci", "auc", "auc_with_ci",
-    "accuracy", "macro_f1",
+    "accuracy", "macro_f1", "box_iou", "region_boxes", "box_accuracy_curve", "max_box_acc_v2",
 ]
+
+BOX_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:
@@ -135,3 +140,64 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int] | Non
     """F1 averaged over classes with equal weight (``labels`` fixes the class list; absent ones count 0)."""
     return float(f1_score(np.asarray(y_true), np.asarray(y_pred), labels=labels, average="macro",
                           zero_division=0))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (``N x 4``) with every box in ``b`` (``M x 4``): ``N x M``."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def region_boxes(mask: np.ndarray) -> np.ndarray:
+    """The bounding box of every 8-connected region of a bool ``H x W`` mask (``K x 4``; K = 0 if empty)."""
+    labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return np.zeros((0, 4))
+    return np.array([[sx.start - 0.5, sy.start - 0.5, sx.stop - 0.5, sy.stop - 0.5]
+                     for sy, sx in ndimage.find_objects(labels)], dtype=np.float64)
+
+
+def box_accuracy_curve(
+    maps: Sequence[np.ndarray], boxes: Sequence[np.ndarray], *, thresholds: Sequence[float] | None = None,
+    iou_thresholds: Sequence[float] = BOX_IOU_THRESHOLDS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BoxAcc at every (map threshold, IoU threshold): the share of images where some region of
+    ``map >= threshold`` has a box overlapping some ground-truth box by at least the IoU threshold.
+
+    ``maps`` are localization maps scaled to [0, 1] per image; ``boxes`` the ground-truth boxes per image
+    (``K x 4``). Returns (thresholds, accuracy ``T x len(iou_thresholds)``)."""
+    if len(maps) != len(boxes) or not len(maps):
+        raise ValueError(f"need one box set per map and at least one image, got {len(maps)} and {len(boxes)}")
+    taus = np.arange(0.0, 1.0, 0.01) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    deltas = np.asarray(iou_thresholds, dtype=np.float64)
+    hits = np.zeros((len(taus), len(deltas)))
+    for cam, gt in zip(maps, boxes, strict=True):
+        for t, tau in enumerate(taus):
+            found = region_boxes(np.asarray(cam) >= tau)
+            best = box_iou(found, gt).max() if len(found) and len(gt) else 0.0
+            hits[t] += best >= deltas
+    return taus, hits / len(maps)
+
+
+def max_box_acc_v2(
+    maps: Sequence[np.ndarray], boxes: Sequence[np.ndarray], *, thresholds: Sequence[float] | None = None,
+    iou_thresholds: Sequence[float] = BOX_IOU_THRESHOLDS,
+) -> dict[str, float]:
+    """MaxBoxAccV2 (Choe et al., CVPR 2020): for each IoU threshold the best BoxAcc over map thresholds
+    (all regions' boxes considered), then their mean. Returns ``{"max_box_acc_v2", "box_acc@<iou>",
+    "best_threshold@<iou>"}``; accuracies as fractions."""
+    taus, acc = box_accuracy_curve(maps, boxes, thresholds=thresholds, iou_thresholds=iou_thresholds)
+    out: dict[str, float] = {"max_box_acc_v2": float(acc.max(axis=0).mean())}
+    for j, delta in enumerate(iou_thresholds):
+        out[f"box_acc@{delta:g}"] = float(acc[:, j].max())
+        out[f"best_threshold@{delta:g}"] = float(taus[int(acc[:, j].argmax())])
+    return out

@@ -2,7 +2,7 @@
 
 ``compare({"random": "random", "dino": DIR, "adamv2": DIR}, data, out)`` runs zero-shot
 correspondence and few-shot segmentation (and, when asked, classification of the phantom
-findings) for every weight set and seed, then writes::
+findings and CAM localization) for every weight set and seed, then writes::
 
     OUT/report.md        tables (mean ± sample standard deviation over seeds) and the plots
     OUT/summary.json     every aggregated number (mean, sd, 95 % interval, per-seed values)
@@ -43,6 +43,7 @@ from holons.eval.correspondence import run_correspondence
 from holons.eval.features import RANDOM, resolve_device
 from holons.eval.fewshot_seg import run_fewshot_segmentation
 from holons.eval.landmark_data import load_annotated
+from holons.eval.localization import run_localization
 from holons.eval.results import format_table, json_safe
 from holons.files import atomic_path, atomic_write
 
@@ -52,7 +53,7 @@ __all__ = [
     "plot_correspondence_examples", "plot_loss_curves", "plot_part_whole", "compare", "format_headline",
 ]
 
-PROTOCOLS = ("correspondence", "fewshot-seg", "classify")
+PROTOCOLS = ("correspondence", "fewshot-seg", "classify", "cam")
 # Sized for small CPU models on the phantoms (3 weight sets x 3 seeds in about 3 minutes on 2 cores):
 # matching on the last two feature stages at 128 px, one few-shot size. Larger studies pass settings.
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
@@ -60,15 +61,17 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
                        "stages": 2},
     "fewshot-seg": {"shots": (6,), "modes": ("frozen",), "size": 96, "steps": 40, "batch_size": 8},
     "classify": {"protocols": ("knn", "linear"), "fractions": (0.1, 1.0), "size": 128, "n_boot": 200},
+    "cam": {"size": 256},
 }
 FAST_SETTINGS: dict[str, dict[str, Any]] = {
     "correspondence": {"size": 64, "pairs": 3, "radii": (10.0, 20.0, 40.0), "random_wholes": 0, "stages": 1},
     "fewshot-seg": {"shots": (2,), "modes": ("frozen",), "size": 32, "steps": 3, "batch_size": 4,
                     "max_eval": 3},
     "classify": {"protocols": ("knn",), "fractions": (1.0,), "size": 32, "n_boot": 20},
+    "cam": {"size": 64},
 }
 _TITLES = {"correspondence": "Zero-shot landmark correspondence", "fewshot-seg": "Few-shot segmentation",
-           "classify": "Classification"}
+           "classify": "Classification", "cam": "CAM localization"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _LOSS_TERMS = ("loss", "loss_loc", "loss_comp", "loss_dec")
 
@@ -223,16 +226,26 @@ def _classify_records(s: dict) -> list[tuple[str, str, float | None, bool]]:
     return rows
 
 
+def _cam_records(s: dict) -> list[tuple[str, str, float | None, bool]]:
+    rows = []
+    for task, r in s["results"].items():
+        rows += [("MaxBoxAccV2 (%)", task, 100 * r["max_box_acc_v2"], True),
+                 ("MaxBoxAccV2 (%)", f"{task}, data prior", 100 * r["prior"]["max_box_acc_v2"], True),
+                 ("probe AUC", task, r["probe_auc"], True)]
+    return rows
+
+
 _RUNNERS: dict[str, tuple[Callable[..., dict], Callable[[dict], list]]] = {
     "correspondence": (run_correspondence, _correspondence_records),
     "fewshot-seg": (run_fewshot_segmentation, _fewshot_records),
     "classify": (run_classification, _classify_records),
+    "cam": (run_localization, _cam_records),
 }
 
 
 def _protocol_kwargs(protocol: str, settings: dict, seed: int) -> dict:
     kw = dict(settings)
-    if protocol == "correspondence":
+    if protocol in ("correspondence", "cam"):
         kw["seed"] = seed
     else:
         kw["seeds"] = (seed,)
@@ -510,6 +523,11 @@ def _write_report(out: Path, info: dict, table: pd.DataFrame, plots: dict[str, P
         if protocol == "correspondence":
             lines.append("Errors are in pixels of the images' own frame; PCK is the share of landmarks "
                          "matched within the radius.")
+        if protocol == "cam":
+            lines.append("A linear probe's class activation map per finding; boxes of every region above "
+                         "each threshold; the best threshold per IoU 0.3 / 0.5 / 0.7, averaged "
+                         "(MaxBoxAccV2). Reference: the data prior (the train positives' mean box mask, "
+                         "one map for all).")
         lines += ["", _markdown_table(table, protocol, methods), ""]
         if plots.get(f"bars_{protocol}"):
             lines.append(f"![{protocol} bars](plots/{plots[f'bars_{protocol}'].name})")

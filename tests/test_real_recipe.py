@@ -1,0 +1,53 @@
+"""benchmarks/real_recipe.py: the verdict, and pooling over pretraining seeds, on hand-made summaries."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_recipe.py"
+_spec = importlib.util.spec_from_file_location("real_recipe", SCRIPT)
+recipe = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(recipe)
+
+
+def _summary(values: dict[str, tuple[float, float, float]]) -> dict:
+    """A compare summary with two headline cells per method: (corr. error, its sd, 6-shot Dice)."""
+    table = []
+    for method, (err, sd, dice) in values.items():
+        table.append({"protocol": "correspondence", "metric": "mean error (px)", "setting": "all landmarks",
+                      "method": method, "n": 3, "mean": err, "sd": sd, "higher_is_better": False})
+        table.append({"protocol": "fewshot-seg", "metric": "Dice 6-shot", "setting": "mean",
+                      "method": method, "n": 3, "mean": dice, "sd": 0.01, "higher_is_better": True})
+    return {"methods": list(values), "table": table}
+
+
+def test_verdict_compares_gain_with_the_larger_spread():
+    v = recipe.verdict(_summary({"random": (400.0, 6.0, 0.60), "dino": (290.0, 8.0, 0.645),
+                                 "adamv2": (270.0, 2.0, 0.650)}))
+    corr, dice = v["correspondence mean error (px)"], v["Dice 6-shot, mean"]
+    assert corr["vs_dino"] == {"gain": pytest.approx(20.0), "spread": 8.0, "beats": True}
+    assert corr["vs_random"]["gain"] == pytest.approx(130.0)
+    assert dice["vs_dino"]["gain"] == pytest.approx(0.005) and dice["vs_dino"]["beats"] is False
+
+
+def test_pooling_over_pretraining_seeds_uses_their_spread_and_pairs_the_seeds():
+    summaries = {
+        0: _summary({"random": (400.0, 1.0, 0.60), "dino": (290.0, 1.0, 0.64), "adamv2": (270.0, 1.0, 0.65)}),
+        1: _summary({"random": (402.0, 1.0, 0.61), "dino": (250.0, 1.0, 0.66), "adamv2": (260.0, 1.0, 0.66)}),
+        2: _summary({"random": (398.0, 1.0, 0.59), "dino": (300.0, 1.0, 0.62), "adamv2": (280.0, 1.0, 0.64)}),
+    }
+    pooled = recipe.pool_over_pretraining(summaries)
+    by = {(r["metric"], r["method"]): r for r in pooled["table"]}
+    dino = by[("mean error (px)", "dino")]
+    assert dino["n"] == 3 and dino["per_seed"] == [290.0, 250.0, 300.0]
+    assert dino["mean"] == pytest.approx(280.0) and dino["sd"] == pytest.approx(26.4575, abs=1e-3)
+    v = recipe.verdict(pooled)["correspondence mean error (px)"]["vs_dino"]
+    # gain 10 px, but the spread is now the sd over pretraining seeds (26.5 px), not the 1-px eval sd
+    assert v["gain"] == pytest.approx(10.0) and v["beats"] is False
+    paired = recipe.paired_gains(pooled)["correspondence mean error (px)"]["vs_dino"]
+    assert paired["mean"] == pytest.approx(10.0) and paired["wins"] == 2 and paired["n"] == 3
+    assert paired["sd"] == pytest.approx(17.3205, abs=1e-3)  # differences 20, -10, 20
