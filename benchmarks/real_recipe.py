@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--pairs", type=int, default=None, help="correspondence pairs per seed (val images)")
     g.add_argument("--shots", type=int, nargs="+", default=None, help="few-shot support sizes")
     g.add_argument("--fewshot-steps", type=int, default=None, help="decoder training steps per few-shot run")
+    g.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=None,
+                   help="few-shot encoder modes (default: frozen)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (OMP_NUM_THREADS too); 1 is fastest on a busy 2-core machine")
     p.add_argument("--device", default="auto", help="pretraining / evaluation device (auto, cpu, cuda)")
@@ -316,6 +318,8 @@ def eval_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         settings["fewshot-seg"]["shots"] = tuple(args.shots)
     if args.fewshot_steps:
         settings["fewshot-seg"]["steps"] = args.fewshot_steps
+    if args.modes:
+        settings["fewshot-seg"]["modes"] = tuple(args.modes)
     return settings
 
 

@@ -19,7 +19,7 @@ from holons.eval.localization import (
     load_localization_set,
 )
 from holons.eval.metrics import box_iou, max_box_acc_v2, region_boxes
-from holons.eval.report import compare
+from holons.eval.report import compare, format_headline
 
 
 def test_box_iou_by_hand():
@@ -155,6 +155,7 @@ def test_cli_and_compare_run_cam(squares, tmp_path, capsys):
     assert "## CAM localization" in text and "| MaxBoxAccV2 (%) ↑ | nodule |" in text
     assert "nodule, data prior" in text
     assert {r["metric"] for r in summary["table"]} == {"MaxBoxAccV2 (%)", "probe AUC"}
+    assert "CAM nodule % ↑" in format_headline(summary)
     plain = tmp_path / "plain"
     (plain / "images").mkdir(parents=True)
     pd.DataFrame({"id": ["a"], "split": ["train"]}).to_csv(plain / "image_table.csv", index=False)

@@ -688,6 +688,8 @@ def _headline_keys(table: pd.DataFrame) -> list[tuple[str, str, str, str]]:
             keys.append((protocol, metric, setting, title))
         elif protocol == "classify" and metric.startswith("AUC") and setting.endswith(" 1 of labels"):
             keys.append((protocol, metric, setting, f"{metric.split(', ')[1]} AUC {setting.split(',')[0]} ↑"))
+        elif protocol == "cam" and metric == "MaxBoxAccV2 (%)" and not setting.endswith("data prior"):
+            keys.append((protocol, metric, setting, f"CAM {setting} % ↑"))
     return keys
 
 
