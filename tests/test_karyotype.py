@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,9 +44,10 @@ from holons.finetune.karyotype.model import (
     box_targets,
     varifocal_zoom,
 )
-from holons.finetune.karyotype.train import schedule
+from holons.finetune.karyotype.train import predict_dataset, schedule
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
+REEVAL = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_reeval.py"
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -294,6 +297,17 @@ def test_train_predict_karyogram_end_to_end(synthetic, tmp_path):
     assert set(record) >= {"counts", "sex", "sex_confidence", "warnings", "changed"}
     assert sum(record["counts"].values()) == record["chromosomes"]
 
+    # benchmarks/karyotype_reeval.py evaluates the saved model on the run's test rows again: without
+    # mirror averaging it reproduces the run's own numbers exactly
+    spec = importlib.util.spec_from_file_location("karyotype_reeval", REEVAL)
+    reeval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reeval)
+    rows = reeval.reevaluate(run, synthetic, ["g"])
+    assert [r["test_time_hflip"] for r in rows] == [False, True]
+    assert rows[0]["type_accuracy"] == metrics["type_accuracy"]
+    assert rows[0]["case_accuracy_optimal"] == metrics["case_accuracy_optimal"]
+    assert (run / "reeval" / "results.json").is_file()
+
     png = tmp_path / "k.png"
     assert cli_main(["karyotype", "karyogram", "--predictions", str(pred), "--case", cases[0],
                      "--out", str(png)]) == 0
@@ -365,3 +379,33 @@ def test_chromosome_cutmix_mixes_labels_by_foreground():
     # probability 0 is the identity
     same, t0, _, _ = chromosome_cutmix(images, labels, polarity, gen, prob=0.0, alpha=1.0)
     assert torch.equal(same, images) and torch.equal(t0.argmax(1), labels)
+
+
+class _Images:
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+
+class _LeftRightNet(torch.nn.Module):
+    """Type logit 0 is the left half's mean intensity, 1 the right half's; polarity the same."""
+
+    def predict_logits(self, x, head):
+        w = x.shape[-1] // 2
+        logits = torch.stack([x[..., :w].mean(dim=(1, 2, 3)), x[..., w:].mean(dim=(1, 2, 3))], dim=1) * 10
+        return torch.cat([logits, torch.full((len(x), 22), -50.0)], dim=1), logits
+
+
+def test_test_time_hflip_averages_the_mirror_image():
+    images = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    images[:, :, :, :4] = 255  # bright left half
+    data = _Images(images)
+    plain, _ = predict_dataset(_LeftRightNet(), data, "g", torch.device("cpu"))
+    both, pol = predict_dataset(_LeftRightNet(), data, "g", torch.device("cpu"), hflip=True)
+    assert plain[0, 0] > 0.99  # the left half wins
+    mirrored = torch.tensor([10.0, 0.0]).flip(0)
+    expected = (torch.tensor([10.0, 0.0]).softmax(0) + mirrored.softmax(0)) / 2
+    assert torch.allclose(pol[0], expected, atol=1e-6) and torch.allclose(both[:, :2].sum(1), torch.ones(3))
+    assert torch.allclose(both[0, :2], torch.tensor([0.5, 0.5]), atol=1e-6)

@@ -84,7 +84,9 @@ class KaryotypeTrainConfig:
     has just learned on); with ``refine_keep_if_better`` a refinement that lowers the L-Net's
     validation type accuracy is undone (the soft-mask gradient is only a proxy for the zoom).
     Validation runs every ``val_every`` epochs and at the end of each
-    phase (``val_every: 0``: only at the end).
+    phase (``val_every: 0``: only at the end). ``test_time_hflip`` averages the predictions of each
+    chromosome and its mirror image (left-right; type and polarity do not change) at validation,
+    test and predict time.
     """
 
     gnet_epochs: int = 10
@@ -105,6 +107,7 @@ class KaryotypeTrainConfig:
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
     eval_batch_size: int = 256
+    test_time_hflip: bool = False
     val_every: int = 1
     seed: int = 0
     device: str = "auto"

@@ -49,7 +49,8 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
         raise HolonsError(f"{data}: no chromosome images to predict")
     ds = KaryotypeDataset(table, stain=meta["stain"], canvas=meta["canvas"], size=meta["source_size"],
                           progress=progress)
-    types, pols = predict_dataset(model, ds, meta["head"], dev, batch_size)
+    types, pols = predict_dataset(model, ds, meta["head"], dev, batch_size,
+                                  hflip=bool(meta["config"]["train"].get("test_time_hflip", False)))
     probs = types.numpy().astype(np.float64)
     t = ds.table
     frame = pd.DataFrame({

@@ -1,0 +1,82 @@
+"""Evaluate a trained karyotype run again on its recorded test split: every head, with and without
+test-time mirror averaging (``train.test_time_hflip``), without retraining.
+
+    .venv/bin/python benchmarks/karyotype_reeval.py --run RUN_DIR --manifest MANIFEST.csv [--heads g fusion]
+
+Reads ``RUN_DIR/split.csv`` (the rows the run tested on) and ``RUN_DIR/model``; writes
+``RUN_DIR/reeval/<head>_<tta>/`` (predictions, confusion matrix) and ``RUN_DIR/reeval/results.json``
+and prints one table. The metrics are the same as the training run's own test evaluation
+(``holons.finetune.karyotype.evaluate.evaluate_split``, same flip seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from holons.errors import HolonsError
+from holons.eval.results import format_table, json_safe
+from holons.finetune.karyotype.data import KaryotypeDataset, load_table
+from holons.finetune.karyotype.evaluate import evaluate_split
+from holons.finetune.karyotype.train import load_model, resolve_device
+
+KEYS = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", "case_accuracy_greedy",
+        "case_accuracy_optimal", "cases_fully_correct_optimal")
+
+
+def reevaluate(run: Path, manifest: Path, heads: list[str] | None, device: str = "auto") -> list[dict]:
+    """One row per (head, mirror averaging off / on) on the run's test rows."""
+    split = run / "split.csv"
+    if not split.is_file():
+        raise HolonsError(f"{run} has no split.csv (not a `holons karyotype train` run dir)")
+    dev = resolve_device(device)
+    model, meta = load_model(run, dev)
+    cfg = meta["config"]
+    table, _ = load_table(manifest, default_polarity=cfg["data"]["default_polarity"])
+    test_paths = set(pd.read_csv(split).query("split == 'test'")["path"])
+    table = table[table["path"].isin(test_paths) & (table["label"] >= 0)].reset_index(drop=True)
+    if len(table) != len(test_paths):
+        raise HolonsError(f"{manifest} holds {len(table)} of the run's {len(test_paths)} test rows")
+    test = KaryotypeDataset(table, stain=meta["stain"], canvas=meta["canvas"], size=meta["source_size"])
+    available = ["g", "l", "fusion"] if cfg["model"]["variant"] != "g_only" else ["g"]
+    rows = []
+    for head in heads or [meta["head"]]:
+        if head not in available:
+            raise HolonsError(f"head {head!r} is not in this model; choose from {available}")
+        for hflip in (False, True):
+            name = f"{head}_{'hflip' if hflip else 'plain'}"
+            s = evaluate_split(model, test, head, dev, run / "reeval" / name, dispatch=cfg["dispatch"],
+                               seed=cfg["data"]["split_seed"], batch_size=cfg["train"]["eval_batch_size"],
+                               hflip=hflip)
+            rows.append({"head": head, "test_time_hflip": hflip, **{k: s[k] for k in KEYS}})
+    with open(run / "reeval" / "results.json", "w") as f:
+        json.dump(json_safe({"run": str(run), "test_chromosomes": len(test), "rows": rows}), f, indent=2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="a `holons karyotype train` run dir")
+    ap.add_argument("--manifest", type=Path, required=True, help="the manifest the run was trained on")
+    ap.add_argument("--heads", nargs="+", choices=["g", "l", "fusion"], default=None,
+                    help="heads to evaluate (default: the model's own)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        rows = reevaluate(args.run, args.manifest, args.heads, args.device)
+    except HolonsError as e:
+        print(f"karyotype_reeval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows, ["head", "test_time_hflip", *KEYS]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
