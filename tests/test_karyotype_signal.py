@@ -117,3 +117,21 @@ def test_sigint_stops_at_phase_end_and_second_sigint_forces(manifest, per_epoch,
     with pytest.raises(KeyboardInterrupt):
         train_karyotype(cfg, manifest, tmp_path / "forced")
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_warmup_raises_the_lr_linearly_in_each_phase_first_epoch(manifest, per_epoch, tmp_path, monkeypatch):
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    extra = ["model.variant=g_only", "train.gnet_epochs=2", "train.cutmix_prob=0", "train.warmup_steps=4",
+             "train.lr=0.002"]
+    cfg = load_config(KaryotypeConfig, TINY, [*OVERRIDES, *extra])
+    train_karyotype(cfg, manifest, tmp_path / "run")
+    assert len(seen) == 2 * per_epoch and per_epoch > 4
+    assert seen[:4] == pytest.approx([0.0005, 0.001, 0.0015, 0.002])
+    assert seen[4:] == pytest.approx([0.002] * (2 * per_epoch - 4))  # the second epoch has no warm-up

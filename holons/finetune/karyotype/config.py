@@ -86,7 +86,9 @@ class KaryotypeTrainConfig:
     Validation runs every ``val_every`` epochs and at the end of each
     phase (``val_every: 0``: only at the end). ``test_time_hflip`` averages the predictions of each
     chromosome and its mirror image (left-right; type and polarity do not change) at validation,
-    test and predict time.
+    test and predict time. ``warmup_steps`` raises the learning rate linearly over the first batches
+    of every phase (at most its first epoch), which keeps the first large Adam steps from wrecking
+    pretrained weights.
     """
 
     gnet_epochs: int = 10
@@ -101,6 +103,7 @@ class KaryotypeTrainConfig:
     lr: float = 1e-4
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     polarity_weight: float = 0.5
     hflip: bool = True
@@ -118,6 +121,8 @@ class KaryotypeTrainConfig:
                      "localizer_refine_epochs", "fusion_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps must be >= 0")
         if self.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2")
         if self.lr <= 0 or self.lr_step_epochs < 1 or not 0 < self.lr_gamma <= 1:

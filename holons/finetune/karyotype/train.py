@@ -411,6 +411,7 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
             gen = torch.Generator().manual_seed(int(cfg.train.seed * 1_000_003 + index * 1009 + epoch))
             total, count = 0.0, 0
             batches = _batches(len(data.train), cfg.train.batch_size, gen)
+            warmup = min(cfg.train.warmup_steps, len(batches))
             done = 0
             if state is not None and epoch == start and "batches_done" in state:  # resumed mid-epoch
                 done = int(state["batches_done"])
@@ -419,6 +420,9 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
             for b, idx in enumerate(tqdm(batches[done:], desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
                                          initial=done, total=len(batches), leave=False,
                                          disable=not progress), start=done + 1):
+                if epoch == 0 and b <= warmup:  # linear warm-up: the phase's lr again after `warmup` batches
+                    for group in optimizer.param_groups:
+                        group["lr"] = group["initial_lr"] * b / warmup
                 x = data.train.images[idx].float().div_(255.0)
                 x, pol = random_flips(x, data.train.polarity[idx], gen, cfg.train.hflip)
                 loss = phase_loss(model, phase, x.to(device), data.train.labels[idx].to(device),
