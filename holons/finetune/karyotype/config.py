@@ -9,6 +9,7 @@ from holons.errors import ConfigError
 
 Stain = Literal["gband", "qband", "auto"]
 Variant = Literal["varifocal", "g_only", "l_whole"]
+BoxGradient = Literal["mask", "sampling"]
 DispatchMethod = Literal["none", "greedy", "optimal"]
 
 
@@ -61,7 +62,13 @@ class KaryotypeDataConfig:
 
 @dataclass
 class KaryotypeModelConfig:
-    """G-Net / L-Net backbones (timm names; ``*_pretrained_dir``: a ``holons export`` folder)."""
+    """G-Net / L-Net backbones (timm names; ``*_pretrained_dir``: a ``holons export`` folder).
+
+    ``box_gradient``: how the L-Net's loss reaches the zoom box. ``mask`` (the design's): through a
+    soft logistic box mask of steepness ``mask_steepness``; ``sampling``: the exact gradient of the
+    bilinear crop with respect to its coordinates (as in spatial transformers). On pki-3 the mask
+    gradient drove every localizer refinement to chance, the sampling gradient did not (RESULTS.md).
+    """
 
     variant: Variant = "varifocal"
     g_backbone: str = "resnet18"
@@ -71,6 +78,7 @@ class KaryotypeModelConfig:
     localizer_hidden: int = 256
     fusion_hidden: int = 512
     mask_steepness: float = 10.0
+    box_gradient: BoxGradient = "mask"
     drop_rate: float = 0.0
 
 

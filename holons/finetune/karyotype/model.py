@@ -8,7 +8,8 @@
 - Varifocal zoom: the box is cropped from the source image (``zoom_source_size``) and resampled
   to the L-Net input (half the G-Net input). The forward pass is the hard crop; the gradient to
   the three box numbers flows through a soft logistic box mask (steepness ``k`` per source pixel)
-  as a straight-through term: ``out = hard + (soft - soft.detach())``.
+  as a straight-through term: ``out = hard + (soft - soft.detach())``, or, with
+  ``box_gradient: sampling``, straight through the bilinear crop's coordinates.
 - L-Net: a second backbone on the zoomed crop, with its own type and polarity heads (used while
   it trains on its own, step 3).
 - Fusion: concatenated G and L features -> two MLPs (``fusion_hidden``) for type and polarity.
@@ -92,12 +93,15 @@ def _crop(images: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def varifocal_zoom(images: torch.Tensor, box: torch.Tensor, size: int,
-                   steepness: float = 10.0) -> torch.Tensor:
+                   steepness: float = 10.0, gradient: str = "mask") -> torch.Tensor:
     """Crop ``box`` (N x 3: cx, cy, half; canvas fractions) from ``images`` to ``size x size``.
 
-    Forward: the hard bilinear crop. Backward: the gradient to ``box`` goes through the soft
-    logistic box mask (the crop of ``images * mask`` at the same, detached, place).
+    Forward: the hard bilinear crop. Backward (``gradient``): ``mask``, the gradient to ``box`` goes
+    through the soft logistic box mask (the crop of ``images * mask`` at the same, detached, place);
+    ``sampling``, the exact gradient of the bilinear crop with respect to its coordinates.
     """
+    if gradient == "sampling":
+        return _crop(images, box, size)
     fixed = box.detach()
     hard = _crop(images, fixed, size)
     if not box.requires_grad:
@@ -178,7 +182,7 @@ class VarifocalNet(nn.Module):
     def l_input(self, source: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
         if box is None:  # l_whole: the whole canvas at the L-Net size
             return F.interpolate(source, size=(self.l_size, self.l_size), mode="area")
-        return varifocal_zoom(source, box, self.l_size, self.cfg.mask_steepness)
+        return varifocal_zoom(source, box, self.l_size, self.cfg.mask_steepness, self.cfg.box_gradient)
 
     def forward(self, source: torch.Tensor, parts: tuple[str, ...] = ("g", "l", "fusion")) -> dict:
         """``source`` N x 1 x S x S (the zoom source; G sees it resized to ``input_size``).
