@@ -21,6 +21,7 @@ import torch
 
 from holons.errors import HolonsError
 from holons.eval.results import format_table, json_safe
+from holons.files import atomic_write
 from holons.finetune.karyotype.data import KaryotypeDataset, load_table
 from holons.finetune.karyotype.evaluate import evaluate_split
 from holons.finetune.karyotype.train import load_model, resolve_device
@@ -54,7 +55,7 @@ def reevaluate(run: Path, manifest: Path, heads: list[str] | None, device: str =
                                seed=cfg["data"]["split_seed"], batch_size=cfg["train"]["eval_batch_size"],
                                hflip=hflip)
             rows.append({"head": head, "test_time_hflip": hflip, **{k: s[k] for k in KEYS}})
-    with open(run / "reeval" / "results.json", "w") as f:
+    with atomic_write(run / "reeval" / "results.json", "w") as f:
         json.dump(json_safe({"run": str(run), "test_chromosomes": len(test), "rows": rows}), f, indent=2)
     return rows
 
