@@ -161,3 +161,15 @@ def test_cli_and_compare_run_cam(squares, tmp_path, capsys):
     pd.DataFrame({"id": ["a"], "split": ["train"]}).to_csv(plain / "image_table.csv", index=False)
     with pytest.raises(HolonsError, match="no findings with locations"):
         load_localization_set(plain)
+
+
+def test_a_corrupt_image_is_skipped_and_counted(squares, tmp_path):
+    import shutil
+
+    root = tmp_path / "squares"
+    shutil.copytree(squares, root)
+    (root / "images" / "sq_01.png").write_bytes(b"not a png")  # a train image without the finding
+    summary, _ = evaluate_localization(IntensityBackbone(), load_localization_set(root), size=64,
+                                       tasks=["nodule"])
+    assert summary["unreadable"] == 1 and summary["n_train"] == 23 and summary["n_test"] == 16
+    assert summary["results"]["nodule"]["max_box_acc_v2"] >= 0.9

@@ -43,6 +43,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from holons.data.readers import UnreadableImage
 from holons.errors import HolonsError
 from holons.eval.features import (
     dense_features,
@@ -53,7 +54,13 @@ from holons.eval.features import (
     resolve_device,
     to_input,
 )
-from holons.eval.landmark_data import STRUCTURES, AnnotatedRadiographs, load_annotated, resize_image
+from holons.eval.landmark_data import (
+    STRUCTURES,
+    AnnotatedRadiographs,
+    load_annotated,
+    resize_image,
+    scale_points,
+)
 from holons.eval.metrics import BOX_IOU_THRESHOLDS, auc, max_box_acc_v2
 from holons.eval.results import format_table, write_results
 from holons.ssl.backbone import Backbone
@@ -156,14 +163,20 @@ def evaluate_localization(
     if unknown:
         raise HolonsError(f"unknown task(s) {unknown} for the {data.name} set; choose from {data.tasks}")
     dev = resolve_device(device if device is None else str(device))
-    train, test = np.flatnonzero(data.split == "train"), np.flatnonzero(data.split == "test")
-    if not len(train) or not len(test):
-        raise HolonsError(f"CAM localization needs train and test images; found {len(train)} and {len(test)}")
-    frames, resized = [], []
-    for image_id in tqdm(data.ids, desc="read images", disable=not progress_enabled(progress)):
-        image = data.data.read(image_id)
+    frames, resized, kept = [], [], []
+    for i, image_id in enumerate(tqdm(data.ids, desc="read images", disable=not progress_enabled(progress))):
+        try:
+            image = data.data.read(image_id)
+        except UnreadableImage:  # counted in the summary, left out
+            continue
+        kept.append(i)
         frames.append(image.shape)
         resized.append(resize_image(image, size))
+    kept = np.asarray(kept, dtype=int)
+    split, labels = data.split[kept], data.labels[kept]
+    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    if not len(train) or not len(test):
+        raise HolonsError(f"CAM localization needs train and test images; found {len(train)} and {len(test)}")
     pixels = np.stack(resized)
     x = to_input(pixels, input_stats(backbone))
     feats = dense_features(backbone, x, batch_size=batch_size, device=dev)
@@ -172,7 +185,7 @@ def evaluate_localization(
     results, rows = {}, []
     for task in chosen:
         j = data.tasks.index(task)
-        y = data.labels[:, j]
+        y = labels[:, j]
         if len(np.unique(y[train])) < 2:
             raise HolonsError(f"task {task!r}: the train split needs images with and without the finding")
         scaler = StandardScaler().fit(emb[train])
@@ -184,11 +197,9 @@ def evaluate_localization(
             raise HolonsError(f"task {task!r}: no test image has the finding")
 
         def scaled_boxes(i: int, task=task) -> np.ndarray:
-            b = data.boxes(task, i).copy()
-            h, w = frames[i][:2]
-            b[:, [0, 2]] = (b[:, [0, 2]] + 0.5) * size / w - 0.5
-            b[:, [1, 3]] = (b[:, [1, 3]] + 0.5) * size / h - 0.5
-            return b
+            """Boxes of kept image ``i`` in the ``size`` frame (corners mapped like landmarks)."""
+            corners = data.boxes(task, int(kept[i])).reshape(-1, 2)
+            return scale_points(corners, frames[i][:2], (size, size)).reshape(-1, 4)
 
         gt = [scaled_boxes(i) for i in positives]
         cams = class_activation_maps(feats[positives], probe.coef_[0] / scaler.scale_, size)
@@ -211,6 +222,7 @@ def evaluate_localization(
     summary = {
         "protocol": "cam", "dataset": data.name, "size": size, "tasks": chosen,
         "iou_thresholds": list(BOX_IOU_THRESHOLDS), "n_train": int(len(train)), "n_test": int(len(test)),
+        "unreadable": int(len(data.ids) - len(kept)),
         "feature_grid": list(feats.shape[-2:]), "results": results,
         "elapsed_s": round(time.perf_counter() - t0, 2),
     }
