@@ -25,6 +25,7 @@ from holons.finetune.karyotype.data import (
     group_split,
     normalise_stain,
     place_on_canvas,
+    random_affine,
     random_flips,
     read_karyotype_manifest,
 )
@@ -209,6 +210,32 @@ def test_polarity_flip_consistency():
     ta, _ = chromosome_array(a / 255.0, stain="gband", canvas=128, size=32)
     tb, _ = chromosome_array(b / 255.0, stain="gband", canvas=128, size=32)
     assert np.allclose(ta[::-1], tb, atol=1e-5) or np.allclose(np.roll(ta[::-1], 1, 0), tb, atol=1e-5)
+
+
+def test_random_affine_jitter_keeps_the_chromosome_and_its_polarity():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(32, 1, 48, 48)
+    images[:, :, 8:40, 20:28] = 1.0      # an upright bar ...
+    images[:, :, 8:12, 20:28] = 0.5      # ... with a dimmer top end
+    assert torch.allclose(random_affine(images, gen), images, atol=1e-6)  # all magnitudes 0: identity
+    out = random_affine(images, gen, degrees=10, scale=0.05, translate=0.05)
+    assert out.shape == images.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert not torch.allclose(out, images, atol=1e-3)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)  # each image draws its own pose
+    area = out.sum((1, 2, 3)) / images.sum((1, 2, 3))     # about the same foreground (scale 1 +- 5 %)
+    assert float(area.min()) > 0.85 and float(area.max()) < 1.15
+    # polarity survives: the dim end stays in the upper half of every image
+    rows = torch.arange(48.0)[None, :, None]
+    dim = ((out[:, 0] > 0.2) & (out[:, 0] < 0.7)).float()
+    bright = (out[:, 0] > 0.9).float()
+    centre = lambda m: (m * rows).sum((1, 2)) / m.sum((1, 2))  # noqa: E731
+    assert bool((centre(dim) < centre(bright)).all())
+    # a shift of exactly `translate` of the side moves a dot by that many pixels
+    dot = torch.zeros(1, 1, 40, 40)
+    dot[0, 0, 20, 20] = 1.0
+    moved = random_affine(dot, torch.Generator().manual_seed(1), translate=0.25)
+    y, x = divmod(int(moved.flatten().argmax()), 40)
+    assert abs(y - 20) <= 10 and abs(x - 20) <= 10 and (y, x) != (20, 20)
 
 
 def test_stains_share_one_foreground_convention():

@@ -18,9 +18,11 @@ from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.train import KaryotypeInterrupted, prepare_data, train_karyotype
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
-# the whole four-step schedule, two L-Net epochs, CutMix on (it draws from the epoch generator)
+# the whole four-step schedule, two L-Net epochs, CutMix and pose jitter on (they draw from the epoch
+# generator)
 OVERRIDES = ["model.variant=varifocal", "data.input_size=32", "train.gnet_epochs=1", "train.lnet_epochs=2",
-             "train.fusion_epochs=1", "train.cutmix_prob=0.5", "train.batch_size=16"]
+             "train.fusion_epochs=1", "train.cutmix_prob=0.5", "train.batch_size=16",
+             "train.augment_degrees=10", "train.augment_scale=0.05", "train.augment_translate=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,8 @@ def test_sigint_stops_at_phase_end_and_second_sigint_forces(manifest, per_epoch,
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_warmup_raises_the_lr_linearly_in_each_phase_first_epoch(manifest, per_epoch, tmp_path, monkeypatch):
+def _record_lrs(monkeypatch) -> list[float]:
+    """The lr of every Adam step taken from now on."""
     seen = []
     real_step = torch.optim.Adam.step
 
@@ -128,6 +131,11 @@ def test_warmup_raises_the_lr_linearly_in_each_phase_first_epoch(manifest, per_e
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return seen
+
+
+def test_warmup_raises_the_lr_linearly_in_each_phase_first_epoch(manifest, per_epoch, tmp_path, monkeypatch):
+    seen = _record_lrs(monkeypatch)
     extra = ["model.variant=g_only", "train.gnet_epochs=2", "train.cutmix_prob=0", "train.warmup_steps=4",
              "train.lr=0.002"]
     cfg = load_config(KaryotypeConfig, TINY, [*OVERRIDES, *extra])
@@ -135,3 +143,16 @@ def test_warmup_raises_the_lr_linearly_in_each_phase_first_epoch(manifest, per_e
     assert len(seen) == 2 * per_epoch and per_epoch > 4
     assert seen[:4] == pytest.approx([0.0005, 0.001, 0.0015, 0.002])
     assert seen[4:] == pytest.approx([0.002] * (2 * per_epoch - 4))  # the second epoch has no warm-up
+
+
+def test_cosine_schedule_after_warmup(manifest, per_epoch, tmp_path, monkeypatch):
+    seen = _record_lrs(monkeypatch)
+    extra = ["model.variant=g_only", "train.gnet_epochs=3", "train.cutmix_prob=0", "train.warmup_steps=2",
+             "train.lr=0.002", "train.lr_schedule=cosine"]
+    cfg = load_config(KaryotypeConfig, TINY, [*OVERRIDES, *extra])
+    train_karyotype(cfg, manifest, tmp_path / "run")
+    assert len(seen) == 3 * per_epoch
+    assert seen[:2] == pytest.approx([0.001, 0.002])
+    for epoch, factor in enumerate((1.0, 0.75, 0.25)):  # (1 + cos(pi * epoch / 3)) / 2
+        assert seen[epoch * per_epoch + 2:(epoch + 1) * per_epoch] == pytest.approx(
+            [0.002 * factor] * (per_epoch - 2))

@@ -11,6 +11,7 @@ Stain = Literal["gband", "qband", "auto"]
 Variant = Literal["varifocal", "g_only", "l_whole"]
 BoxGradient = Literal["mask", "sampling"]
 DispatchMethod = Literal["none", "greedy", "optimal"]
+LrSchedule = Literal["step", "cosine"]
 
 
 @dataclass
@@ -84,7 +85,8 @@ class KaryotypeModelConfig:
 
 @dataclass
 class KaryotypeTrainConfig:
-    """The four-step schedule (epochs per step; 0 skips a step), Adam with a step decay, CutMix.
+    """The four-step schedule (epochs per step; 0 skips a step), Adam with a step or cosine decay,
+    augmentation.
 
     Step 3 alternates ``lnet_rounds`` times: ``lnet_epochs`` of L-Net training with the localizer
     frozen, then ``localizer_refine_epochs`` of localizer training from the L-Net's loss with the
@@ -96,7 +98,13 @@ class KaryotypeTrainConfig:
     chromosome and its mirror image (left-right; type and polarity do not change) at validation,
     test and predict time. ``warmup_steps`` raises the learning rate linearly over the first batches
     of every phase (at most its first epoch), which keeps the first large Adam steps from wrecking
-    pretrained weights.
+    pretrained weights. ``lr_schedule``: ``step`` multiplies the lr by ``lr_gamma`` every
+    ``lr_step_epochs`` epochs; ``cosine`` anneals it per epoch from ``lr`` towards 0 over each
+    phase's epochs. Augmentation of every training batch: random vertical flips (polarity
+    swapped), horizontal flips (``hflip``), and a random affine pose jitter of up to
+    ``augment_degrees`` of rotation, ``augment_scale`` of isotropic scale and ``augment_translate``
+    of the side in shift (all 0: off); CutMix with foreground-area label mixing
+    (``cutmix_prob``).
     """
 
     gnet_epochs: int = 10
@@ -111,10 +119,14 @@ class KaryotypeTrainConfig:
     lr: float = 1e-4
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
+    lr_schedule: LrSchedule = "step"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     polarity_weight: float = 0.5
     hflip: bool = True
+    augment_degrees: float = 0.0
+    augment_scale: float = 0.0
+    augment_translate: float = 0.0
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
     eval_batch_size: int = 256
@@ -135,6 +147,10 @@ class KaryotypeTrainConfig:
             raise ConfigError("train.batch_size must be at least 2")
         if self.lr <= 0 or self.lr_step_epochs < 1 or not 0 < self.lr_gamma <= 1:
             raise ConfigError("train.lr > 0, train.lr_step_epochs >= 1 and 0 < train.lr_gamma <= 1 required")
+        if not (0.0 <= self.augment_degrees <= 180.0 and 0.0 <= self.augment_scale < 1.0
+                and 0.0 <= self.augment_translate <= 0.5):
+            raise ConfigError("train.augment_degrees must be in [0, 180], train.augment_scale in [0, 1) and "
+                              "train.augment_translate in [0, 0.5]")
         if not 0.0 <= self.cutmix_prob <= 1.0 or self.cutmix_alpha <= 0:
             raise ConfigError("train.cutmix_prob must be in [0, 1] and train.cutmix_alpha > 0")
 

@@ -1,4 +1,5 @@
-"""Chromosome images as fixed-size tensors: manifests, stain convention, canvas, flips, group splits.
+"""Chromosome images as fixed-size tensors: manifests, stain convention, canvas, flips and small
+affine jitter, group splits.
 
 One convention for every stain: a bright chromosome on a black (0) background. Each image is
 centred on a square canvas *without stretching* (a chromosome's length is a class cue), and the
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from holons.data.readers import UnreadableImage, read_image
@@ -259,6 +261,27 @@ def random_flips(images: torch.Tensor, polarity: torch.Tensor, generator: torch.
     if hflip:
         images = torch.where((u[:, 1] < 0.5)[:, None, None, None], images.flip(-1), images)
     return images, polarity
+
+
+def random_affine(images: torch.Tensor, generator: torch.Generator, *, degrees: float = 0.0,
+                  translate: float = 0.0, scale: float = 0.0) -> torch.Tensor:
+    """Per image: a rotation by up to +-``degrees`` about the centre, an isotropic scale by
+    1 +- ``scale`` and a shift by up to +-``translate`` of the side, background (0) filled.
+
+    Small pose changes of a chromosome on its canvas (bent or tilted arms, slightly different
+    condensation) that keep its type and polarity; the magnitudes are uniform draws from
+    ``generator``, so a resumed run repeats them.
+    """
+    n = images.shape[0]
+    u = (torch.rand(n, 4, generator=generator) * 2 - 1).to(images.device, images.dtype)
+    angle = u[:, 0] * math.radians(degrees)
+    zoom = 1.0 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    shift = u[:, 2:] * (2.0 * translate)  # normalized coordinates span 2 per side
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 # --------------------------------------------------------------------------- splits

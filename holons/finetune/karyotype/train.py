@@ -9,8 +9,8 @@ Steps (phases, in order; a phase with 0 epochs is skipped):
    soft box mask).
 4. ``fusion``: the two fusion MLPs on the concatenated (frozen) G and L features.
 
-Every phase has its own Adam (lr, x gamma every ``lr_step_epochs`` epochs). After each epoch the
-whole state (weights, optimizer, scheduler, epochs done) is written atomically to
+Every phase has its own Adam (lr, x gamma every ``lr_step_epochs`` epochs, or a cosine decay). After
+each epoch the whole state (weights, optimizer, scheduler, epochs done) is written atomically to
 ``checkpoints/<phase>.pt`` (tensors and primitives only). Shuffling and augmentation draw from
 generators seeded by (seed, phase, epoch), so a resumed run repeats what an uninterrupted one
 would have done. Frozen modules run in eval mode (BatchNorm statistics stay put).
@@ -48,6 +48,7 @@ from holons.finetune.karyotype.data import (
     assign_splits,
     choose_canvas,
     load_table,
+    random_affine,
     random_flips,
 )
 from holons.finetune.karyotype.model import VarifocalNet, box_targets
@@ -385,6 +386,7 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
     torch.manual_seed(cfg.train.seed)
     model = VarifocalNet(cfg.model, cfg.data.input_size).to(device)
     ckpt_dir = out / "checkpoints"
+    augment = cfg.train.augment_degrees > 0 or cfg.train.augment_scale > 0 or cfg.train.augment_translate > 0
     for index, phase in enumerate(schedule(cfg)):
         path = ckpt_dir / f"{phase.name}.pt"
         state = _load_checkpoint(path) if path.exists() else None
@@ -395,7 +397,7 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
         refine = phase.name.startswith("locrefine")
         lr = cfg.train.lr * (cfg.train.localizer_refine_lr_scale if refine else 1.0)
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_step_epochs, cfg.train.lr_gamma)
+        scheduler = _lr_scheduler(optimizer, phase, cfg)
         start = 0
         if state is not None:
             model.load_state_dict(state["model"])
@@ -425,6 +427,9 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
                         group["lr"] = group["initial_lr"] * b / warmup
                 x = data.train.images[idx].float().div_(255.0)
                 x, pol = random_flips(x, data.train.polarity[idx], gen, cfg.train.hflip)
+                if augment:
+                    x = random_affine(x, gen, degrees=cfg.train.augment_degrees,
+                                      scale=cfg.train.augment_scale, translate=cfg.train.augment_translate)
                 loss = phase_loss(model, phase, x.to(device), data.train.labels[idx].to(device),
                                   pol.to(device), cfg, gen)
                 if not torch.isfinite(loss):
@@ -459,6 +464,13 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
             if stop.requested:
                 _interrupted(stop, f"after {phase.name} epoch {epoch + 1}/{phase.epochs}", path)
     return model
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, phase: Phase, cfg: KaryotypeConfig):
+    """The per-epoch lr schedule of one phase (``train.lr_schedule``)."""
+    if cfg.train.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(phase.epochs, 1))
+    return torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_step_epochs, cfg.train.lr_gamma)
 
 
 def _interrupted(stop: StopSignal, where: str, checkpoint: Path) -> None:
