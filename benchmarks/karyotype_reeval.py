@@ -30,25 +30,37 @@ KEYS = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", 
         "case_accuracy_optimal", "cases_fully_correct_optimal")
 
 
-def reevaluate(run: Path, manifest: Path, heads: list[str] | None, device: str = "auto") -> list[dict]:
-    """One row per (head, mirror averaging off / on) on the run's test rows."""
+def load_run_test(run: Path, manifest: Path, device: torch.device):
+    """A trained run's model, its metadata and its recorded test rows as a dataset."""
     split = run / "split.csv"
     if not split.is_file():
         raise HolonsError(f"{run} has no split.csv (not a `holons karyotype train` run dir)")
-    dev = resolve_device(device)
-    model, meta = load_model(run, dev)
-    cfg = meta["config"]
-    table, _ = load_table(manifest, default_polarity=cfg["data"]["default_polarity"])
+    model, meta = load_model(run, device)
+    table, _ = load_table(manifest, default_polarity=meta["config"]["data"]["default_polarity"])
     test_paths = set(pd.read_csv(split).query("split == 'test'")["path"])
     table = table[table["path"].isin(test_paths) & (table["label"] >= 0)].reset_index(drop=True)
     if len(table) != len(test_paths):
         raise HolonsError(f"{manifest} holds {len(table)} of the run's {len(test_paths)} test rows")
     test = KaryotypeDataset(table, stain=meta["stain"], canvas=meta["canvas"], size=meta["source_size"])
-    available = ["g", "l", "fusion"] if cfg["model"]["variant"] != "g_only" else ["g"]
-    rows = []
+    return model, meta, test
+
+
+def run_heads(meta: dict, heads: list[str] | None) -> list[str]:
+    """The requested heads (default: the model's output head), checked against the model."""
+    available = ["g", "l", "fusion"] if meta["config"]["model"]["variant"] != "g_only" else ["g"]
     for head in heads or [meta["head"]]:
         if head not in available:
             raise HolonsError(f"head {head!r} is not in this model; choose from {available}")
+    return heads or [meta["head"]]
+
+
+def reevaluate(run: Path, manifest: Path, heads: list[str] | None, device: str = "auto") -> list[dict]:
+    """One row per (head, mirror averaging off / on) on the run's test rows."""
+    dev = resolve_device(device)
+    model, meta, test = load_run_test(run, manifest, dev)
+    cfg = meta["config"]
+    rows = []
+    for head in run_heads(meta, heads):
         for hflip in (False, True):
             name = f"{head}_{'hflip' if hflip else 'plain'}"
             s = evaluate_split(model, test, head, dev, run / "reeval" / name, dispatch=cfg["dispatch"],

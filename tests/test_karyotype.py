@@ -21,6 +21,7 @@ from holons.finetune.karyotype.data import (
     choose_canvas,
     chromosome_array,
     flip_vertical,
+    foreground_crop,
     group_kfold,
     group_split,
     normalise_stain,
@@ -259,6 +260,16 @@ def test_canvas_pads_without_stretching():
     big, shrunk = place_on_canvas(np.ones((96, 24), np.float32), 48)
     assert shrunk and np.flatnonzero(big.max(1) > 0.5).size == 48
     assert np.flatnonzero(big.max(0) > 0.5).size == 12
+
+
+def test_chromosome_is_centred_by_its_foreground_not_its_file():
+    g = render_chromosome(np.random.default_rng(2), 4, stain="gband") / 255.0
+    padded = np.ones((g.shape[0] + 30, g.shape[1] + 17))  # white margins on two sides only
+    padded[25:25 + g.shape[0], 3:3 + g.shape[1]] = g
+    tight, _ = chromosome_array(g, stain="gband", canvas=128, size=64)
+    loose, _ = chromosome_array(padded, stain="gband", canvas=128, size=64)
+    assert np.allclose(tight, loose, atol=1e-6)
+    assert foreground_crop(np.zeros((5, 7))).shape == (5, 7)  # nothing above the threshold: kept whole
 
 
 def test_group_splits_are_disjoint_and_seeded():

@@ -44,6 +44,7 @@ from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
+    FOREGROUND_THRESHOLD,
     KaryotypeDataset,
     assign_splits,
     choose_canvas,
@@ -58,7 +59,6 @@ log = logging.getLogger("holons.karyotype")
 MODEL_DIR = "model"
 META_FILE = "karyotype.json"
 WEIGHTS_FILE = "model.safetensors"
-FOREGROUND_THRESHOLD = 0.1
 
 
 @dataclass(frozen=True)
