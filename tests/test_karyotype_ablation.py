@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from holons.config import load_config
 from holons.data.synthetic.karyotypes import generate_karyotypes
@@ -23,12 +22,7 @@ RATES = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none",
          "case_accuracy_optimal", "cases_fully_correct_optimal")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_runs_make_the_pairs_explicit(tmp_path):

@@ -38,12 +38,7 @@ def per_epoch(manifest) -> int:
     return n // 16 + (n % 16 >= 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _signal_at_batch(monkeypatch, call: int, *signums: int) -> None:

@@ -36,12 +36,8 @@ from holons.ssl import (
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_seeded():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seeded(one_thread):
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- localizability loss
