@@ -14,7 +14,6 @@ taken as stored (pki-3: all upright), without mirror averaging. Prints one table
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from holons.finetune.karyotype.data import random_affine
 from holons.finetune.karyotype.train import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from karyotype_reeval import load_run_test, run_heads  # noqa: E402
+from karyotype_reeval import load_run_test, run_arguments, run_heads  # noqa: E402
 
 
 @torch.no_grad()
@@ -67,17 +66,11 @@ def probe(run: Path, manifest: Path, heads: list[str] | None, *, degrees: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a `holons karyotype train` run dir")
-    ap.add_argument("--manifest", type=Path, required=True, help="the manifest the run was trained on")
-    ap.add_argument("--heads", nargs="+", choices=["g", "l", "fusion"], default=None,
-                    help="heads to probe (default: the model's own)")
+    ap = run_arguments(__doc__.splitlines()[0])
     ap.add_argument("--degrees", type=float, default=10.0)
     ap.add_argument("--scale", type=float, default=0.05)
     ap.add_argument("--translate", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

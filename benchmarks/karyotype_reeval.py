@@ -72,15 +72,20 @@ def reevaluate(run: Path, manifest: Path, heads: list[str] | None, device: str =
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of every script that reads a trained run: run, manifest, heads, device, threads."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--run", type=Path, required=True, help="a `holons karyotype train` run dir")
     ap.add_argument("--manifest", type=Path, required=True, help="the manifest the run was trained on")
     ap.add_argument("--heads", nargs="+", choices=["g", "l", "fusion"], default=None,
-                    help="heads to evaluate (default: the model's own)")
+                    help="heads to use (default: the model's own)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = run_arguments(__doc__.splitlines()[0]).parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         rows = reevaluate(args.run, args.manifest, args.heads, args.device)

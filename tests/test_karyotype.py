@@ -369,6 +369,18 @@ def test_train_predict_karyogram_end_to_end(synthetic, tmp_path):
     assert rows[0]["type_accuracy"] == metrics["type_accuracy"]
     assert rows[0]["case_accuracy_optimal"] == metrics["case_accuracy_optimal"]
     assert (run / "reeval" / "results.json").is_file()
+    # benchmarks/karyotype_pose_probe.py: its no-jitter row is the plain accuracy on the stored images
+    spec = importlib.util.spec_from_file_location("karyotype_pose_probe",
+                                                  REEVAL.parent / "karyotype_pose_probe.py")
+    pose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pose)
+    model, _, test = reeval.load_run_test(run, synthetic, torch.device("cpu"))
+    probs, _ = predict_dataset(model, test, "g", torch.device("cpu"))
+    plain = float((probs.argmax(1) == test.labels).float().mean())
+    rows = pose.probe(run, synthetic, ["g"], degrees=10, scale=0.05, translate=0.05, device="cpu")
+    assert [r["jitter"] for r in rows][0] == "none" and len(rows) == 5
+    assert rows[0]["type_accuracy"] == pytest.approx(plain)
+    assert (run / "pose_probe.json").is_file()
 
     png = tmp_path / "k.png"
     assert cli_main(["karyotype", "karyogram", "--predictions", str(pred), "--case", cases[0],
