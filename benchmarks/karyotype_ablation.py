@@ -15,6 +15,10 @@ same; the table says whether the runs' test sets are identical. Overrides apply 
 base YAML < ``--quick`` < ``--device`` < ``--set`` < the run's own keys (variant, CutMix, init), so
 the pairs stay explicit whatever the base config says.
 
+``--folds K`` runs each selected row as a K-fold cross-validation by slide instead (``data.folds=K``,
+``data.fold=k``, folders ``OUT/<name>/fold<k>``; validation slides are carved from the training
+folds) and reports mean ± sd over the folds; every fold must finish for the row to count.
+
 Rerunning the script reuses a finished run (same resolved config; a different one is reported as
 a failure, never silently mixed in), resumes an interrupted one from its checkpoints, and starts
 over a run that failed before its first checkpoint. A failed run is recorded in the table and the
@@ -38,6 +42,7 @@ import hashlib
 import json
 import logging
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -147,6 +152,25 @@ def _row(run: AblationRun, status: str, metrics: dict | None, run_dir: Path, not
     return row
 
 
+def _fold_row(run: AblationRun, fold_rows: list[dict]) -> dict:
+    """One row for a cross-validated run: mean (and ``<metric>_sd``) over its folds, the folds kept."""
+    failed = [i for i, r in enumerate(fold_rows) if r["status"] not in ("finished", "reused")]
+    reused = all(r["status"] == "reused" for r in fold_rows)
+    status = "failed" if failed else "reused" if reused else "finished"
+    note = "; ".join(f"fold {i}: {fold_rows[i]['note']}" for i in failed)
+    row: dict[str, Any] = {"name": run.name, "title": run.title, "status": status,
+                           "overrides": list(run.overrides), "note": note, "folds": fold_rows}
+    if not failed:
+        for k in METRICS:
+            values = [float(r[k]) for r in fold_rows]
+            row[k], row[f"{k}_sd"] = statistics.fmean(values), statistics.stdev(values)
+        for k in ("test_chromosomes", "test_cases", "train_seconds"):
+            row[k] = sum(r[k] for r in fold_rows)
+        row["head"] = fold_rows[0]["head"]
+        row["test_split"] = "+".join(r["test_split"] for r in fold_rows)
+    return row
+
+
 def _train_one(cfg: KaryotypeConfig, manifest: Path, run_dir: Path, progress: bool | None) -> dict:
     from holons.finetune.karyotype.train import train_karyotype
 
@@ -170,7 +194,7 @@ def _device_name(cfgs: list[KaryotypeConfig]) -> str:
 def run_ablation(config: str | Path, manifest: str | Path, out: str | Path, *,
                  variants: list[str] | None = None, device: str | None = None, sets: list[str] | None = None,
                  foundation: str | Path | None = None, quick: bool = False, cutmix_prob: float = 0.5,
-                 progress: bool | None = None) -> dict:
+                 folds: int = 0, progress: bool | None = None) -> dict:
     """Train and evaluate the selected runs; write ``out/results.json`` and ``out/results.md``.
 
     Returns the results (``runs``: one dict per row, with ``status`` finished / reused / failed /
@@ -192,50 +216,77 @@ def run_ablation(config: str | Path, manifest: str | Path, out: str | Path, *,
     unknown = [v for v in selected if v not in VARIANTS]
     if unknown:
         raise HolonsError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if folds == 1 or folds < 0:
+        raise HolonsError(f"--folds must be 0 (the fixed split) or at least 2, got {folds}")
     runs = [r for r in ablation_runs(foundation, cutmix_prob) if r.name in selected]
     common = (QUICK if quick else []) + ([f"train.device={device}"] if device else []) + list(sets or [])
-    # every config is built before any training: a bad key stops the script at once
-    cfgs = {r.name: load_config(KaryotypeConfig, config, common + list(r.overrides)) for r in runs}
+    # (config, folder) per fold of each run (one unit without --folds), every config built before any
+    # training: a bad key stops the script at once
+    fold_keys = [[f"data.folds={folds}", f"data.fold={k}"] for k in range(folds)] if folds else [[]]
+    units = {r.name: [(load_config(KaryotypeConfig, config, common + list(r.overrides) + keys),
+                       out / r.name / f"fold{k}" if folds else out / r.name)
+                      for k, keys in enumerate(fold_keys)] for r in runs}
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "config": str(config), "manifest": str(manifest),
-        "device": _device_name(list(cfgs.values())), "machine": platform.processor() or platform.machine(),
-        "quick": quick, "sets": list(sets or []), "cutmix_prob": cutmix_prob,
-        "foundation": str(foundation) if foundation else None, "runs": [],
+        "device": _device_name([c for u in units.values() for c, _ in u]),
+        "machine": platform.processor() or platform.machine(), "quick": quick, "sets": list(sets or []),
+        "cutmix_prob": cutmix_prob, "folds": folds, "foundation": str(foundation) if foundation else None,
+        "runs": [],
     }
     for i, run in enumerate(runs, 1):
-        run_dir = out / run.name
         log.info("== %d/%d %s: %s", i, len(runs), run.name, run.title)
         if run.needs_foundation and foundation is None:
             note = "no --foundation given (a `holons export` folder); row 3 is random init"
-            results["runs"].append(_row(run, "skipped", None, run_dir, note))
+            results["runs"].append(_row(run, "skipped", None, out / run.name, note))
             _write(out, results)
             continue
-        t0 = time.perf_counter()
-        try:
-            metrics = _finished_metrics(run_dir, cfgs[run.name])
-            status = "reused"
-            if metrics is None:
-                _train_one(cfgs[run.name], manifest, run_dir, progress)
-                metrics, status = json.loads((run_dir / "eval" / "metrics.json").read_text()), "finished"
-            row = _row(run, status, metrics, run_dir)
-        except KaryotypeInterrupted as e:
-            results["runs"].append(_row(run, "interrupted", None, run_dir, str(e)))
-            _write(out, results)
-            raise
-        except Exception as e:  # one failed run is recorded; the others still run
-            log.error("%s failed after %.0f s: %s: %s", run.name, time.perf_counter() - t0,
-                      type(e).__name__, e)
-            row = _row(run, "failed", None, run_dir, f"{type(e).__name__}: {e}")
-            row["traceback"] = traceback.format_exc(limit=8)
-        results["runs"].append(row)
+        fold_rows = []
+        for cfg, run_dir in units[run.name]:
+            try:
+                fold_rows.append(_run_unit(run, cfg, manifest, run_dir, progress))
+            except KaryotypeInterrupted as e:
+                results["runs"].append(_row(run, "interrupted", None, run_dir, str(e)))
+                _write(out, results)
+                raise
+        results["runs"].append(_fold_row(run, fold_rows) if folds else fold_rows[0])
         _write(out, results)
     return results
 
 
+def _run_unit(run: AblationRun, cfg: KaryotypeConfig, manifest: Path, run_dir: Path,
+              progress: bool | None) -> dict:
+    """Reuse, resume or train one run folder; a failure becomes a ``failed`` row (interruptions raise)."""
+    from holons.finetune.karyotype.train import KaryotypeInterrupted
+
+    t0 = time.perf_counter()
+    try:
+        metrics = _finished_metrics(run_dir, cfg)
+        status = "reused"
+        if metrics is None:
+            _train_one(cfg, manifest, run_dir, progress)
+            metrics, status = json.loads((run_dir / "eval" / "metrics.json").read_text()), "finished"
+        return _row(run, status, metrics, run_dir)
+    except KaryotypeInterrupted:
+        raise
+    except Exception as e:  # one failed run is recorded; the others still run
+        log.error("%s failed after %.0f s: %s: %s", run_dir.name, time.perf_counter() - t0,
+                  type(e).__name__, e)
+        row = _row(run, "failed", None, run_dir, f"{type(e).__name__}: {e}")
+        row["traceback"] = traceback.format_exc(limit=8)
+        return row
+
+
 # --------------------------------------------------------------------------- output
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f} %"
+TABLE_RATES = ("type_accuracy", "polarity_accuracy", "case_accuracy_none", "case_accuracy_greedy",
+               "case_accuracy_optimal", "cases_fully_correct_optimal")
+"""The percentage columns of the table, in order (macro-F1 goes between the second and third)."""
+
+
+def _pct(v: float | None, sd: float | None = None) -> str:
+    if v is None:
+        return "–"
+    return f"{100 * v:.1f} %" if sd is None else f"{100 * v:.1f} ± {100 * sd:.1f} %"
 
 
 def results_markdown(results: dict) -> str:
@@ -247,17 +298,21 @@ def results_markdown(results: dict) -> str:
     ]
     if results["sets"]:
         lines.append(f"Overrides for all runs: `{' '.join(results['sets'])}`.")
+    if results.get("folds"):
+        lines.append(f"{results['folds']}-fold cross-validation by slide: mean ± sd over the folds; test "
+                     "counts and train seconds are sums over the folds.")
     lines += ["", "| run | head | type acc | polarity acc | macro-F1 | per-case acc, no dispatch | greedy "
               "| optimal | cases fully correct (optimal) | train s | status |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in results["runs"]:
         f1 = "–" if r.get("macro_f1") is None else f"{r['macro_f1']:.3f}"
+        if r.get("macro_f1_sd") is not None:
+            f1 += f" ± {r['macro_f1_sd']:.3f}"
         secs = "–" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
-        lines.append(f"| {r['title']} | {r.get('head') or '–'} | {_pct(r.get('type_accuracy'))} "
-                     f"| {_pct(r.get('polarity_accuracy'))} | {f1} | {_pct(r.get('case_accuracy_none'))} "
-                     f"| {_pct(r.get('case_accuracy_greedy'))} | {_pct(r.get('case_accuracy_optimal'))} "
-                     f"| {_pct(r.get('cases_fully_correct_optimal'))} | {secs} | {r['status']} |")
+        rates = [_pct(r.get(k), r.get(f"{k}_sd")) for k in TABLE_RATES]
+        cells = " | ".join([*rates[:2], f1, *rates[2:]])
+        lines.append(f"| {r['title']} | {r.get('head') or '–'} | {cells} | {secs} | {r['status']} |")
         if r.get("note"):
             notes.append(f"- `{r['name']}` ({r['status']}): {r['note']}")
     splits = {r.get("test_split") for r in results["runs"] if r.get("test_split")}
@@ -293,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a `holons export` folder for the foundation-init run (skipped without it)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="a subset of the runs")
     ap.add_argument("--cutmix-prob", type=float, default=0.5, help="CutMix probability of the CutMix run")
+    ap.add_argument("--folds", type=int, default=0,
+                    help="K >= 2: each row as a K-fold cross-validation by slide (mean ± sd over folds)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run: 4 training cases, input 32, 1 epoch per step")
     args = ap.parse_args(argv)
@@ -305,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             raise HolonsError(f"no --manifest and no shared data with {PKI3_MANIFEST} ($HOLONS_DATA)")
         results = run_ablation(args.config, manifest, args.out, variants=args.variants, device=args.device,
                                sets=args.sets, foundation=args.foundation, quick=args.quick,
-                               cutmix_prob=args.cutmix_prob)
+                               cutmix_prob=args.cutmix_prob, folds=args.folds)
     except KaryotypeInterrupted as e:
         print(f"karyotype_ablation: {e}\nrerun the same command to continue", file=sys.stderr)
         return 128 + e.signum

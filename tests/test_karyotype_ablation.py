@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from holons.config import load_config
@@ -90,3 +91,30 @@ def test_quick_ablation_table_reuse_and_failures(tmp_path, capsys):
     assert ablation.main([*common, "--variants", "g_only", "--set", "train.gnet_epochs=2"]) == 1
     changed = json.loads((out / "results.json").read_text())["runs"][0]
     assert changed["status"] == "failed" and "train.gnet_epochs" in changed["note"]
+
+
+def test_folds_cross_validate_each_row_by_slide(tmp_path):
+    manifest = generate_karyotypes(tmp_path / "syn", cases=6, seed=1, abnormal_rate=0.0, flip_rate=0.5,
+                                   workers=1)
+    out = tmp_path / "cv"
+    common = ["--manifest", str(manifest), "--out", str(out), "--quick", "--device", "cpu",
+              "--set", "train.threads=1", "data.val_fraction=0.2", "--variants", "g_only", "--folds", "2"]
+    assert ablation.main(common) == 0
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["runs"]
+    assert results["folds"] == 2 and row["status"] == "finished" and len(row["folds"]) == 2
+    folders = [out / "g_only" / f"fold{k}" for k in (0, 1)]
+    per_fold = [json.loads((f / "eval" / "metrics.json").read_text()) for f in folders]
+    accs = [m["type_accuracy"] for m in per_fold]
+    assert row["type_accuracy"] == pytest.approx(sum(accs) / 2)
+    assert row["type_accuracy_sd"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert row["test_chromosomes"] == sum(m["test_chromosomes"] for m in per_fold)
+    # the two folds test on disjoint slides that together cover every case
+    tests = [pd.read_csv(f / "split.csv").query("split == 'test'") for f in folders]
+    assert not set(tests[0]["path"]) & set(tests[1]["path"])
+    assert set(tests[0]["case_id"]) | set(tests[1]["case_id"]) == set(pd.read_csv(manifest)["case_id"])
+    table = (out / "results.md").read_text()
+    assert "2-fold cross-validation by slide" in table and " ± " in table
+    assert ablation.main(common) == 0  # rerun: both folds reused
+    assert json.loads((out / "results.json").read_text())["runs"][0]["status"] == "reused"
+    assert ablation.main([*common[:-2], "--folds", "1"]) == 2
