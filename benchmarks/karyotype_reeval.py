@@ -47,7 +47,7 @@ def load_run_test(run: Path, manifest: Path, device: torch.device):
 
 def run_heads(meta: dict, heads: list[str] | None) -> list[str]:
     """The requested heads (default: the model's output head), checked against the model."""
-    available = ["g", "l", "fusion"] if meta["config"]["model"]["variant"] != "g_only" else ["g"]
+    available = ["g", "l", "fusion", "mean"] if meta["config"]["model"]["variant"] != "g_only" else ["g"]
     for head in heads or [meta["head"]]:
         if head not in available:
             raise HolonsError(f"head {head!r} is not in this model; choose from {available}")
@@ -77,8 +77,8 @@ def run_arguments(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--run", type=Path, required=True, help="a `holons karyotype train` run dir")
     ap.add_argument("--manifest", type=Path, required=True, help="the manifest the run was trained on")
-    ap.add_argument("--heads", nargs="+", choices=["g", "l", "fusion"], default=None,
-                    help="heads to use (default: the model's own)")
+    ap.add_argument("--heads", nargs="+", choices=["g", "l", "fusion", "mean"], default=None,
+                    help="heads to use (default: the model's own; mean: G and L probabilities averaged)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return ap

@@ -188,6 +188,17 @@ def test_localizer_gets_gradient_from_lnet_loss(gradient):
     assert model.localizer[0].weight.grad.abs().sum() > 0
 
 
+def test_mean_head_averages_the_g_and_l_probabilities():
+    cfg = load_config(KaryotypeConfig, TINY, ["model.variant=varifocal", "data.input_size=32"])
+    model = VarifocalNet(cfg.model, 32).eval()
+    x = torch.rand(3, 1, 32, 32)
+    g_t, g_p = model.predict_logits(x, "g")
+    l_t, l_p = model.predict_logits(x, "l")
+    m_t, m_p = model.predict_logits(x, "mean")
+    assert torch.allclose(m_t.exp(), (g_t.softmax(1) + l_t.softmax(1)) / 2, atol=1e-6)
+    assert torch.allclose(m_p.softmax(1), (g_p.softmax(1) + l_p.softmax(1)) / 2, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- data conventions
 def test_polarity_flip_consistency():
     images = torch.rand(4, 1, 8, 8)

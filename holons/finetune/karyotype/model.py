@@ -20,6 +20,8 @@ whole canvas at the L-Net size instead of the learned crop; an ablation).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -208,9 +210,16 @@ class VarifocalNet(nn.Module):
 
     @torch.no_grad()
     def predict_logits(self, source: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Type and polarity logits of the chosen head: ``g``, ``l`` or ``fusion``."""
+        """Type and polarity logits of the chosen head: ``g``, ``l``, ``fusion``, or ``mean`` (the
+        average of the G and L heads' probabilities, as log-probabilities: an ensemble that needs no
+        training, against which the learned fusion can be judged)."""
         if head == "g":
             out = self(source, ("g",))
             return out["g_type"], out["g_polarity"]
+        if head == "mean":
+            out = self(source, ("g", "l"))
+            return tuple(torch.logsumexp(torch.stack([F.log_softmax(out[f"g_{k}"], 1),
+                                                      F.log_softmax(out[f"l_{k}"], 1)]), 0) - math.log(2.0)
+                         for k in ("type", "polarity"))
         out = self(source, ("l", "fusion") if head == "fusion" else ("l",))
         return (out["type"], out["polarity"]) if head == "fusion" else (out["l_type"], out["l_polarity"])
