@@ -1,9 +1,10 @@
 """Chromosome images as fixed-size tensors: manifests, stain convention, canvas, flips and small
 affine jitter, group splits.
 
-One convention for every stain: a bright chromosome on a black (0) background. Each image is
-centred on a square canvas *without stretching* (a chromosome's length is a class cue), and the
-canvas is resized to the network's input size. The canvas side comes from the training data (the
+One convention for every stain: a bright chromosome on a black (0) background. Each chromosome
+(the box of its foreground, whatever the file's margins) is centred on a square canvas *without
+stretching* (a chromosome's length is a class cue), and the canvas is resized to the network's
+input size. The canvas side comes from the training data (the
 smallest multiple of 8 that holds the longest chromosome) and is stored with the model, so
 prediction puts new images on the same canvas.
 
