@@ -14,6 +14,7 @@ import torch
 from holons.cli import main as cli_main
 from holons.config import load_config
 from holons.data.synthetic.karyotypes import generate_karyotypes, render_chromosome
+from holons.errors import ConfigError
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
     KaryotypeDataset,
@@ -46,7 +47,7 @@ from holons.finetune.karyotype.model import (
     box_targets,
     varifocal_zoom,
 )
-from holons.finetune.karyotype.train import predict_dataset, schedule
+from holons.finetune.karyotype.train import final_head, predict_dataset, schedule
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
 REEVAL = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_reeval.py"
@@ -325,6 +326,13 @@ def test_schedule_has_the_four_steps():
     assert names == ["gnet", "localizer", "lnet_1", "locrefine_1", "lnet_2", "locrefine_2", "fusion"]
     g_only = load_config(KaryotypeConfig, TINY, ["model.variant=g_only"])
     assert [p.name for p in schedule(g_only)] == ["gnet"]
+    # the reported head: the design's last trained head, or model.output_head when the schedule trains it
+    assert final_head(cfg) == "fusion" and final_head(g_only) == "g"
+    vf = ["model.variant=varifocal"]
+    assert final_head(load_config(KaryotypeConfig, TINY, [*vf, "train.fusion_epochs=0"])) == "l"
+    assert final_head(load_config(KaryotypeConfig, TINY, [*vf, "model.output_head=mean"])) == "mean"
+    with pytest.raises(ConfigError, match="output_head=mean"):
+        final_head(load_config(KaryotypeConfig, TINY, ["model.variant=g_only", "model.output_head=mean"]))
 
 
 def test_train_predict_karyogram_end_to_end(synthetic, tmp_path):

@@ -12,6 +12,7 @@ Variant = Literal["varifocal", "g_only", "l_whole"]
 BoxGradient = Literal["mask", "sampling"]
 DispatchMethod = Literal["none", "greedy", "optimal"]
 LrSchedule = Literal["step", "cosine"]
+OutputHead = Literal["auto", "g", "l", "fusion", "mean"]
 
 
 @dataclass
@@ -69,6 +70,8 @@ class KaryotypeModelConfig:
     soft logistic box mask of steepness ``mask_steepness``; ``sampling``: the exact gradient of the
     bilinear crop with respect to its coordinates (as in spatial transformers). On pki-3 the mask
     gradient drove every localizer refinement to chance, the sampling gradient did not (RESULTS.md).
+    ``output_head``: the head the trained model reports and ``predict`` uses; ``auto`` = the last
+    trained of fusion, L-Net, G-Net (the design's); ``mean`` averages the G and L probabilities.
     """
 
     variant: Variant = "varifocal"
@@ -80,6 +83,7 @@ class KaryotypeModelConfig:
     fusion_hidden: int = 512
     mask_steepness: float = 10.0
     box_gradient: BoxGradient = "mask"
+    output_head: OutputHead = "auto"
     drop_rate: float = 0.0
 
 

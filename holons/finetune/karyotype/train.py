@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from holons.config import save_config, to_dict
-from holons.errors import HolonsError
+from holons.errors import ConfigError, HolonsError
 from holons.files import atomic_write
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
@@ -87,11 +87,18 @@ def schedule(cfg: KaryotypeConfig) -> list[Phase]:
 
 
 def final_head(cfg: KaryotypeConfig) -> str:
-    """The head whose predictions the trained model reports: fusion, else L-Net, else G-Net."""
+    """The head whose predictions the trained model reports: ``model.output_head``, or with ``auto``
+    fusion, else L-Net, else G-Net. A head whose steps the schedule does not train is refused."""
     names = {p.name.split("_")[0] for p in schedule(cfg)}
-    if "fusion" in names:
-        return "fusion"
-    return "l" if "lnet" in names else "g"
+    trained = {"g": "gnet" in names, "l": "lnet" in names, "fusion": "fusion" in names}
+    trained["mean"] = trained["g"] and trained["l"]
+    head = cfg.model.output_head
+    if head == "auto":
+        return next(h for h in ("fusion", "l", "g") if trained[h] or h == "g")
+    if not trained[head]:
+        raise ConfigError(f"model.output_head={head}: the schedule does not train it (variant "
+                          f"{cfg.model.variant}, steps {', '.join(sorted(names)) or 'none'})")
+    return head
 
 
 # --------------------------------------------------------------------------- losses
@@ -352,6 +359,7 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
             torch.set_num_threads(cfg.train.threads)
         device = resolve_device(cfg.train.device)
         _check_resumed_config(cfg, out / "config.yaml", resume)
+        final_head(cfg)  # a head the schedule cannot train stops the run before any work
         save_config(cfg, out / "config.yaml")
         t0 = time.perf_counter()
         data = prepare_data(cfg, manifest, progress=progress)
