@@ -151,3 +151,5 @@ def test_cosine_schedule_after_warmup(manifest, per_epoch, tmp_path, monkeypatch
     for epoch, factor in enumerate((1.0, 0.75, 0.25)):  # (1 + cos(pi * epoch / 3)) / 2
         assert seen[epoch * per_epoch + 2:(epoch + 1) * per_epoch] == pytest.approx(
             [0.002 * factor] * (per_epoch - 2))
+    # metrics.jsonl records the lr each epoch ran at
+    assert [r["lr"] for r in _records(tmp_path / "run")] == pytest.approx([0.002, 0.0015, 0.0005])

@@ -457,9 +457,10 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
                                      position)
                     _interrupted(stop, f"in {phase.name} epoch {epoch + 1}/{phase.epochs} after batch "
                                  f"{b}/{len(batches)}", path)
+            lr_used = optimizer.param_groups[0]["lr"]  # the epoch's lr (after any warm-up), before the decay
             scheduler.step()
             record = {"phase": phase.name, "epoch": epoch + 1, "loss": total / max(count, 1),
-                      "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - te, 2)}
+                      "lr": lr_used, "seconds": round(time.perf_counter() - te, 2)}
             every = cfg.train.val_every
             if epoch + 1 == phase.epochs or (every and (epoch + 1) % every == 0) or guard:
                 record.update(_validate(model, phase, data.val, device, cfg))
