@@ -442,6 +442,15 @@ def markdown(results: dict[str, Any], headlines: dict[str, str]) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def share_random_evaluations(source: Path, report: Path) -> None:
+    """Random init does not depend on the pretraining seed: give ``report`` the random-init
+    evaluations already made in ``source`` (same evaluation seeds and settings), so ``compare``
+    reuses them instead of repeating them (it checks each one's request before reusing it)."""
+    done, target = source / "runs" / "random", report / "runs" / "random"
+    if done.is_dir() and not target.exists():
+        shutil.copytree(done, target)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -495,9 +504,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jsrt = radiographs / JSRT
     summaries, headlines, verdicts = {}, {}, {}
     t_eval = time.perf_counter()
+    first_report = None
     for seed in args.pretrain_seeds:
         report = out / "report" if len(args.pretrain_seeds) == 1 else out / "report" / f"pretrain_s{seed}"
         _log(f"compare: pretraining seed {seed}, evaluation seeds {args.seeds} -> {report}")
+        if first_report is not None:
+            share_random_evaluations(first_report, report)
+        first_report = first_report or report
         weights = {"random": "random", **{m: runs[m][seed]["weights"] for m in METHODS}}
         summary = compare(weights, jsrt, report, runs={m: runs[m][seed]["run_dir"] for m in METHODS},
                           arch=arch, seeds=args.seeds,
