@@ -1,7 +1,9 @@
 """Evaluate a trained karyotype run again on its recorded test split: every head, with and without
-test-time mirror averaging (``train.test_time_hflip``), without retraining.
+test-time mirror averaging (``train.test_time_hflip``), without retraining; with ``--vflip`` also
+with mirror and upside-down averaging (``train.test_time_vflip``).
 
-    .venv/bin/python benchmarks/karyotype_reeval.py --run RUN_DIR --manifest MANIFEST.csv [--heads g fusion]
+    .venv/bin/python benchmarks/karyotype_reeval.py --run RUN_DIR --manifest MANIFEST.csv [--heads g fusion] \
+        [--vflip]
 
 Reads ``RUN_DIR/split.csv`` (the rows the run tested on) and ``RUN_DIR/model``; writes
 ``RUN_DIR/reeval/<head>_<tta>/`` (predictions, confusion matrix) and ``RUN_DIR/reeval/results.json``
@@ -54,19 +56,22 @@ def run_heads(meta: dict, heads: list[str] | None) -> list[str]:
     return heads or [meta["head"]]
 
 
-def reevaluate(run: Path, manifest: Path, heads: list[str] | None, device: str = "auto") -> list[dict]:
-    """One row per (head, mirror averaging off / on) on the run's test rows."""
+def reevaluate(run: Path, manifest: Path, heads: list[str] | None, device: str = "auto",
+               vflip: bool = False) -> list[dict]:
+    """One row per (head, test-time averaging: none / mirror / with ``vflip`` mirror + upside down) on
+    the run's test rows."""
     dev = resolve_device(device)
     model, meta, test = load_run_test(run, manifest, dev)
     cfg = meta["config"]
     rows = []
     for head in run_heads(meta, heads):
-        for hflip in (False, True):
-            name = f"{head}_{'hflip' if hflip else 'plain'}"
+        for hflip, vf in [(False, False), (True, False)] + ([(True, True)] if vflip else []):
+            name = f"{head}_{'hvflip' if vf else 'hflip' if hflip else 'plain'}"
             s = evaluate_split(model, test, head, dev, run / "reeval" / name, dispatch=cfg["dispatch"],
                                seed=cfg["data"]["split_seed"], batch_size=cfg["train"]["eval_batch_size"],
-                               hflip=hflip)
-            rows.append({"head": head, "test_time_hflip": hflip, **{k: s[k] for k in KEYS}})
+                               hflip=hflip, vflip=vf)
+            rows.append({"head": head, "test_time_hflip": hflip, "test_time_vflip": vf,
+                         **{k: s[k] for k in KEYS}})
     with atomic_write(run / "reeval" / "results.json", "w") as f:
         json.dump(json_safe({"run": str(run), "test_chromosomes": len(test), "rows": rows}), f, indent=2)
     return rows
@@ -85,14 +90,16 @@ def run_arguments(description: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = run_arguments(__doc__.splitlines()[0]).parse_args(argv)
+    ap = run_arguments(__doc__.splitlines()[0])
+    ap.add_argument("--vflip", action="store_true", help="also average with the upside-down image")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        rows = reevaluate(args.run, args.manifest, args.heads, args.device)
+        rows = reevaluate(args.run, args.manifest, args.heads, args.device, args.vflip)
     except HolonsError as e:
         print(f"karyotype_reeval: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rows, ["head", "test_time_hflip", *KEYS]))
+    print(format_table(rows, ["head", "test_time_hflip", "test_time_vflip", *KEYS]))
     return 0
 
 

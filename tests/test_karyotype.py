@@ -502,3 +502,24 @@ def test_test_time_hflip_averages_the_mirror_image():
     expected = (torch.tensor([10.0, 0.0]).softmax(0) + mirrored.softmax(0)) / 2
     assert torch.allclose(pol[0], expected, atol=1e-6) and torch.allclose(both[:, :2].sum(1), torch.ones(3))
     assert torch.allclose(both[0, :2], torch.tensor([0.5, 0.5]), atol=1e-6)
+
+
+class _TopBottomNet(torch.nn.Module):
+    """Polarity 1 (upright) when the top half is brighter; type 0 / 1 likewise top / bottom."""
+
+    def predict_logits(self, x, head):
+        h = x.shape[-2] // 2
+        top, bottom = x[..., :h, :].mean(dim=(1, 2, 3)), x[..., h:, :].mean(dim=(1, 2, 3))
+        return (torch.cat([torch.stack([top, bottom], 1) * 10, torch.full((len(x), 22), -50.0)], dim=1),
+                torch.stack([bottom, top], 1) * 10)
+
+
+def test_test_time_vflip_swaps_the_upside_down_polarity_back():
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    images[:, :, :4] = 255  # bright top half: upright
+    data = _Images(images)
+    types, pol = predict_dataset(_TopBottomNet(), data, "g", torch.device("cpu"), vflip=True)
+    assert bool((pol[:, 1] > 0.99).all())  # the upside-down view votes "upright" once swapped back
+    assert torch.allclose(types[:, :2], torch.full((2, 2), 0.5), atol=1e-4)  # its type vote is averaged in
+    four, pol4 = predict_dataset(_TopBottomNet(), data, "g", torch.device("cpu"), hflip=True, vflip=True)
+    assert torch.allclose(four, types, atol=1e-6) and torch.allclose(pol4, pol, atol=1e-6)

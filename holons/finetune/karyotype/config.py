@@ -97,14 +97,15 @@ class KaryotypeTrainConfig:
     L-Net frozen, at ``lr * localizer_refine_lr_scale`` (a small step keeps the crops the L-Net
     has just learned on); with ``refine_keep_if_better`` a refinement that lowers the L-Net's
     validation type accuracy is undone (the soft-mask gradient is only a proxy for the zoom).
-    Validation runs every ``val_every`` epochs and at the end of each
-    phase (``val_every: 0``: only at the end). ``test_time_hflip`` averages the predictions of each
-    chromosome and its mirror image (left-right; type and polarity do not change) at validation,
-    test and predict time. ``warmup_steps`` raises the learning rate linearly over the first batches
-    of every phase (at most its first epoch), which keeps the first large Adam steps from wrecking
-    pretrained weights. ``lr_schedule``: ``step`` multiplies the lr by ``lr_gamma`` every
-    ``lr_step_epochs`` epochs; ``cosine`` anneals it per epoch from ``lr`` towards 0 over each
-    phase's epochs. Augmentation of every training batch: random vertical flips (polarity
+    Validation runs every ``val_every`` epochs and at the end of each phase (``val_every: 0``: only
+    at the end). ``test_time_hflip`` averages the predictions of each chromosome and its mirror
+    image (left-right; type and polarity do not change) at validation, test and predict time;
+    ``test_time_vflip`` also averages with the upside-down image, whose polarity probabilities are
+    swapped back (type kept, polarity reversed). ``warmup_steps`` raises the learning rate linearly
+    over the first batches of every phase (at most its first epoch), which keeps the first large
+    Adam steps from wrecking pretrained weights. ``lr_schedule``: ``step`` multiplies the lr by
+    ``lr_gamma`` every ``lr_step_epochs`` epochs; ``cosine`` anneals it per epoch from ``lr``
+    towards 0 over each phase's epochs. Augmentation of every training batch: random vertical flips (polarity
     swapped), horizontal flips (``hflip``), and a random affine pose jitter of up to
     ``augment_degrees`` of rotation, ``augment_scale`` of isotropic scale and ``augment_translate``
     of the side in shift (all 0: off); CutMix with foreground-area label mixing
@@ -135,6 +136,7 @@ class KaryotypeTrainConfig:
     cutmix_alpha: float = 1.0
     eval_batch_size: int = 256
     test_time_hflip: bool = False
+    test_time_vflip: bool = False
     val_every: int = 1
     seed: int = 0
     device: str = "auto"

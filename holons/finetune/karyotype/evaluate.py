@@ -58,9 +58,9 @@ def confusion_png(true: np.ndarray, pred: np.ndarray, path: Path, title: str = "
 
 def evaluate_split(model, dataset: KaryotypeDataset, head: str, device, out_dir: str | Path, *,
                    dispatch: str = "optimal", seed: int = 0, batch_size: int = 256,
-                   hflip: bool = False) -> dict:
+                   hflip: bool = False, vflip: bool = False) -> dict:
     """Metrics on ``dataset`` (see module doc); writes predictions.csv and confusion.png to ``out_dir``;
-    ``hflip``: average each prediction with that of the mirror image."""
+    ``hflip`` / ``vflip``: average each prediction with that of the mirror / upside-down image."""
     from sklearn.metrics import f1_score
 
     from holons.finetune.karyotype.train import predict_dataset
@@ -70,7 +70,7 @@ def evaluate_split(model, dataset: KaryotypeDataset, head: str, device, out_dir:
     if len(dataset) == 0:
         return {"test_chromosomes": 0}
     flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
-    types, pols = predict_dataset(model, dataset, head, device, batch_size, flips, hflip=hflip)
+    types, pols = predict_dataset(model, dataset, head, device, batch_size, flips, hflip=hflip, vflip=vflip)
     probs = types.numpy().astype(np.float64)
     true = dataset.labels.numpy()
     polarity = torch.where(flips & (dataset.polarity >= 0), 1 - dataset.polarity, dataset.polarity).numpy()

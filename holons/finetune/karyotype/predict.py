@@ -50,7 +50,8 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
     ds = KaryotypeDataset(table, stain=meta["stain"], canvas=meta["canvas"], size=meta["source_size"],
                           progress=progress)
     types, pols = predict_dataset(model, ds, meta["head"], dev, batch_size,
-                                  hflip=bool(meta["config"]["train"].get("test_time_hflip", False)))
+                                  hflip=bool(meta["config"]["train"].get("test_time_hflip", False)),
+                                  vflip=bool(meta["config"]["train"].get("test_time_vflip", False)))
     probs = types.numpy().astype(np.float64)
     t = ds.table
     frame = pd.DataFrame({

@@ -307,9 +307,11 @@ def _batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tenso
 
 @torch.no_grad()
 def predict_dataset(model: VarifocalNet, dataset: KaryotypeDataset, head: str, device: torch.device,
-                    batch_size: int = 256, flip_mask: torch.Tensor | None = None, *, hflip: bool = False):
+                    batch_size: int = 256, flip_mask: torch.Tensor | None = None, *, hflip: bool = False,
+                    vflip: bool = False):
     """Type probabilities (N x 24) and polarity probabilities (N x 2); optional vertical flips of the
-    inputs (``flip_mask``); ``hflip`` averages each prediction with that of the mirror image."""
+    inputs (``flip_mask``); ``hflip`` averages each prediction with that of the mirror image,
+    ``vflip`` with that of the upside-down image (its polarity probabilities swapped back)."""
     model.eval()
     types, pols = [], []
     for i in range(0, len(dataset), batch_size):
@@ -318,13 +320,15 @@ def predict_dataset(model: VarifocalNet, dataset: KaryotypeDataset, head: str, d
             m = flip_mask[i:i + batch_size]
             x = torch.where(m[:, None, None, None], x.flip(-2), x)
         x = x.to(device)
-        t, p = model.predict_logits(x, head)
-        t, p = t.softmax(1), p.softmax(1)
-        if hflip:
-            t2, p2 = model.predict_logits(x.flip(-1), head)
-            t, p = (t + t2.softmax(1)) / 2, (p + p2.softmax(1)) / 2
-        types.append(t.cpu())
-        pols.append(p.cpu())
+        views = [(x, False)] + ([(x.flip(-1), False)] if hflip else [])
+        if vflip:  # upside down: the same type, the opposite polarity
+            views += [(v.flip(-2), True) for v, _ in views]
+        t = p = 0.0
+        for view, upside_down in views:
+            tv, pv = model.predict_logits(view, head)
+            t, p = t + tv.softmax(1), p + (pv.softmax(1).flip(1) if upside_down else pv.softmax(1))
+        types.append((t / len(views)).cpu())
+        pols.append((p / len(views)).cpu())
     if not types:
         return torch.zeros(0, 24), torch.zeros(0, 2)
     return torch.cat(types), torch.cat(pols)
@@ -373,7 +377,7 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
         save_model(model, cfg, data.canvas, head, out / MODEL_DIR)
         summary = evaluate_split(model, data.test, head, device, out / "eval", dispatch=cfg.dispatch,
                                  seed=cfg.data.split_seed, batch_size=cfg.train.eval_batch_size,
-                                 hflip=cfg.train.test_time_hflip)
+                                 hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip)
         summary.update({"train_chromosomes": len(data.train), "val_chromosomes": len(data.val),
                         "canvas": data.canvas, "skipped": data.skipped,
                         "train_seconds": round(time.perf_counter() - t0, 1)})
@@ -502,7 +506,7 @@ def _validate(model, phase: Phase, val: KaryotypeDataset, device, cfg: Karyotype
         return {"val_box_l1": sum(boxes) / (3 * len(val))}
     flips = torch.rand(len(val), generator=torch.Generator().manual_seed(cfg.data.split_seed)) < 0.5
     types, pols = predict_dataset(model, val, _head_of(phase), device, cfg.train.eval_batch_size, flips,
-                                  hflip=cfg.train.test_time_hflip)
+                                  hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip)
     pol = torch.where(flips & (val.polarity >= 0), 1 - val.polarity, val.polarity)
     known = pol >= 0
     pol_acc = float((pols.argmax(1)[known] == pol[known]).float().mean()) if known.any() else None
