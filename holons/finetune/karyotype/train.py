@@ -94,7 +94,7 @@ def final_head(cfg: KaryotypeConfig) -> str:
     trained["mean"] = trained["g"] and trained["l"]
     head = cfg.model.output_head
     if head == "auto":
-        return next(h for h in ("fusion", "l", "g") if trained[h] or h == "g")
+        return "fusion" if trained["fusion"] else "l" if trained["l"] else "g"
     if not trained[head]:
         raise ConfigError(f"model.output_head={head}: the schedule does not train it (variant "
                           f"{cfg.model.variant}, steps {', '.join(sorted(names)) or 'none'})")
