@@ -24,13 +24,13 @@ from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import random_flips
 from holons.finetune.karyotype.model import VarifocalNet
 from holons.finetune.karyotype.train import (
-    _batches,
-    _load_checkpoint,
-    _set_trainable,
-    _validate,
+    load_checkpoint,
     phase_loss,
     prepare_data,
     schedule,
+    set_trainable,
+    shuffled_batches,
+    validate_phase,
 )
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(KaryotypeConfig, None, yaml.safe_load((args.run / "config.yaml").read_text()))
     cfg.data.max_train_cases = args.cases
     cfg.model.g_pretrained_dir = cfg.model.l_pretrained_dir = None  # the weights come from the checkpoint
-    checkpoint = _load_checkpoint(args.run / "checkpoints" / "lnet_1.pt")
+    checkpoint = load_checkpoint(args.run / "checkpoints" / "lnet_1.pt")
     cfg.data.canvas = int(checkpoint["canvas"])  # the run's canvas, whatever cells are drawn here
     data = prepare_data(cfg, args.manifest)
     state = checkpoint["model"]
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.box_gradient = gradient
         model = VarifocalNet(cfg.model, cfg.data.input_size)
         model.load_state_dict(state)
-        before = _validate(model, phase, data.val, device, cfg)["val_type_acc"]
-        params = _set_trainable(model, phase)
+        before = validate_phase(model, phase, data.val, device, cfg)["val_type_acc"]
+        params = set_trainable(model, phase)
         optimizer = torch.optim.Adam(params, lr=lr)
         gen = torch.Generator().manual_seed(args.seed)
-        batches = _batches(len(data.train), cfg.train.batch_size, gen)[:args.batches]
+        batches = shuffled_batches(len(data.train), cfg.train.batch_size, gen)[:args.batches]
         for b, idx in enumerate(batches):
             x, pol = random_flips(data.train.images[idx].float().div_(255.0), data.train.polarity[idx], gen,
                                   cfg.train.hflip)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     box = model(x[:1], ("box",))["box"][0].tolist()
                 print(f"{gradient:>8} batch {b:4d}: loss {loss.item():.3f}, box (cx, cy, half) "
                       f"({box[0]:.3f}, {box[1]:.3f}, {box[2]:.3f})", flush=True)
-        after = _validate(copy.deepcopy(model), phase, data.val, device, cfg)["val_type_acc"]
+        after = validate_phase(copy.deepcopy(model), phase, data.val, device, cfg)["val_type_acc"]
         print(f"{gradient:>8}: L-Net validation type accuracy {before:.4f} -> {after:.4f} "
               f"({len(batches)} batches, Adam lr {lr:g})", flush=True)
     return 0

@@ -169,6 +169,53 @@ def test_part_whole_cosine_of_a_constant_image_is_one():
     np.testing.assert_allclose(pw["cosine"], 1.0, atol=1e-5)
 
 
+class _Moments(torch.nn.Module):
+    """A stand-in backbone: E(x) = (10, mean x, mean x^2). The mean and mean square of an image with
+    constant quadrants are the means over its quadrants' (parts') embeddings: parts compose exactly."""
+
+    embed_dim = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.full((len(x),), 10.0), x.mean((1, 2, 3)), (x ** 2).mean((1, 2, 3))], 1)
+
+
+class _Corner(torch.nn.Module):
+    """E(x) = (10, top-left pixel): a whole's embedding says nothing of its other parts."""
+
+    embed_dim = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.full((len(x),), 10.0), x[:, 0, 0, 0]], 1)
+
+
+def _quadrant_images(values: list[tuple[float, float, float, float]]) -> torch.Tensor:
+    """8 x 8 images whose quadrants (raster order) are constant."""
+    x = torch.zeros(len(values), 1, 8, 8)
+    for i, (a, b, c, d) in enumerate(values):
+        x[i, 0, :4, :4], x[i, 0, :4, 4:], x[i, 0, 4:, :4], x[i, 0, 4:, 4:] = a, b, c, d
+    return x
+
+
+def test_part_whole_centred_cosine_and_retrieval_when_parts_compose():
+    # (mean, mean square) per image: (.1, .01), (.9, .81), (.5, .5), (.5, .25): four directions about
+    # their centroid, so each whole's own parts are its best match.
+    x = _quadrant_images([(.1,) * 4, (.9,) * 4, (0, 0, 1, 1), (.5,) * 4])
+    pw = part_whole_cosines(_Moments(), x)
+    np.testing.assert_allclose(pw["cosine"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(pw["cosine_centred"], 1.0, atol=1e-5)
+    assert pw["retrieved"].all()
+
+
+def test_part_whole_raw_cosine_saturates_where_centred_and_retrieval_do_not():
+    # Every image's parts average to 0.5, whatever its top-left quadrant: the part means are all equal.
+    x = _quadrant_images([(.1, .9, .5, .5), (.9, .1, .5, .5), (.3, .7, .5, .5), (.7, .3, .5, .5)])
+    pw = part_whole_cosines(_Corner(), x)
+    assert (pw["cosine"] > 0.99).all()  # the common component alone
+    # centred: the part means sit at (0, 0.5 - centre), centre = (mean top-left + 0.5) / 2 = 0.5
+    np.testing.assert_allclose(pw["cosine_centred"], 0.0, atol=1e-6)
+    assert pw["retrieved"].sum() <= 1  # ties: no whole finds its own parts better than chance
+
+
 # --------------------------------------------------------------------------- data and weights
 def test_annotated_loader_reads_phantoms(phantoms):
     data = load_annotated(phantoms)

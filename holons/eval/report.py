@@ -70,6 +70,9 @@ FAST_SETTINGS: dict[str, dict[str, Any]] = {
     "classify": {"protocols": ("knn",), "fractions": (1.0,), "size": 32, "n_boot": 20},
     "cam": {"size": 64},
 }
+# Bumped when a protocol's results gain fields, so cached results made by older code are recomputed
+# (correspondence 2: centred part-whole cosine and part-whole retrieval).
+RESULT_VERSIONS: dict[str, int] = {"correspondence": 2}
 _TITLES = {"correspondence": "Zero-shot landmark correspondence", "fewshot-seg": "Few-shot segmentation",
            "classify": "Classification", "cam": "CAM localization"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -200,8 +203,11 @@ def _correspondence_records(s: dict) -> list[tuple[str, str, float | None, bool]
     rows.append(("median error (px)", "all landmarks", o["median_px"], False))
     rows += [("PCK (%)", f"r = {k.removeprefix('pck@')} px", v, True)
              for k, v in o.items() if k.startswith("pck@")]
-    rows += [("part-whole cosine (median)", f"{kind} wholes", m["median"], True)
-             for kind, m in s.get("part_whole", {}).items()]
+    for kind, m in s.get("part_whole", {}).items():
+        rows.append(("part-whole cosine (median)", f"{kind} wholes", m["median"], True))
+        if "centred_median" in m:
+            rows.append(("part-whole cosine, centred (median)", f"{kind} wholes", m["centred_median"], True))
+            rows.append(("part-whole retrieval top-1 (%)", f"{kind} wholes", 100 * m["retrieval_top1"], True))
     return rows
 
 
@@ -434,17 +440,20 @@ def plot_loss_curves(curves: Mapping[str, pd.DataFrame], path: Path, methods: Se
 
 
 def plot_part_whole(cosines: Mapping[str, pd.DataFrame], path: Path, methods: Sequence[str]) -> Path | None:
-    """Distribution of cos(E(W), mean E(parts)) per method, one panel per kind of whole."""
+    """Distribution of cos(E(W), mean E(parts)) per method, one panel per kind of whole: the centred
+    cosine where every result has it (raw cosines sit near 1 for any backbone), else the raw one."""
     cosines = {m: c for m, c in cosines.items() if len(c)}
     if not cosines:
         return None
+    column = "cosine_centred" if all("cosine_centred" in c for c in cosines.values()) else "cosine"
+    label = "centred cosine" if column == "cosine_centred" else "cosine"
     kinds = list(dict.fromkeys(k for c in cosines.values() for k in c["whole"]))
     colors = _colors(methods)
     fig, axes = _grid(len(kinds), 2, 1.4 + 1.3 * len(cosines), 3.4)
     rng = np.random.default_rng(0)
     for ax, kind in zip(axes, kinds, strict=True):
         names = [m for m in cosines if (cosines[m]["whole"] == kind).any()]
-        values = [cosines[m].loc[cosines[m]["whole"] == kind, "cosine"].to_numpy(float) for m in names]
+        values = [cosines[m].loc[cosines[m]["whole"] == kind, column].to_numpy(float) for m in names]
         box = ax.boxplot(values, patch_artist=True, showfliers=False, widths=0.6)
         for patch, m in zip(box["boxes"], names, strict=True):
             patch.set_facecolor(colors.get(m, "white"))
@@ -454,9 +463,10 @@ def plot_part_whole(cosines: Mapping[str, pd.DataFrame], path: Path, methods: Se
         ax.set_xticks(range(1, len(names) + 1))
         ax.set_xticklabels(names, fontsize=8)
         ax.set_title(f"{kind} wholes", fontsize=9)
-        ax.set_ylabel("cosine", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Part-whole consistency: cos(E(whole), mean of E(parts)), all seeds", fontsize=10)
+    fig.suptitle(f"Part-whole consistency: {label} of E(whole) and the mean of E(parts), all seeds",
+                 fontsize=10)
     return _save(fig, path)
 
 
@@ -612,6 +622,8 @@ def compare(
                 request = {"protocol": protocol, "weights": fingerprint, "arch": arch, "seed": seed,
                            "data": str(sources[protocol].resolve()), "settings": resolved[protocol],
                            "device": str(resolve_device(device))}
+                if protocol in RESULT_VERSIONS:
+                    request["version"] = RESULT_VERSIONS[protocol]
 
                 def run(folder: Path, runner=runner, protocol=protocol, seed=seed, ws=ws) -> dict:
                     torch.manual_seed(seed)  # random init differs per seed and repeats per seed
@@ -679,8 +691,9 @@ def _headline_keys(table: pd.DataFrame) -> list[tuple[str, str, str, str]]:
             keys.append((protocol, metric, setting, "corr. error px ↓"))
         elif protocol == "correspondence" and metric == "PCK (%)" and setting == "r = 20 px":
             keys.append((protocol, metric, setting, "PCK@20 % ↑"))
-        elif protocol == "correspondence" and metric.startswith("part-whole") and setting == "image wholes":
-            keys.append((protocol, metric, setting, "part-whole cos"))
+        elif (protocol == "correspondence" and metric == "part-whole cosine, centred (median)"
+              and setting == "image wholes"):
+            keys.append((protocol, metric, setting, "part-whole cos (centred)"))
         elif protocol == "fewshot-seg" and setting == "mean":
             shots = metric.split(", ")[-1].removesuffix(" shots")
             mode = metric.split(", ")[1]

@@ -192,7 +192,9 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
 
-def _set_trainable(model: VarifocalNet, phase: Phase) -> list[torch.nn.Parameter]:
+def set_trainable(model: VarifocalNet, phase: Phase) -> list[torch.nn.Parameter]:
+    """Unfreeze (and put in train mode) the sub-nets ``phase`` trains, freeze the rest; return the
+    parameters to optimize."""
     params = []
     for name, module in model.named_children():
         on = name in phase.trains
@@ -212,7 +214,7 @@ def _refine_guard(model: VarifocalNet, phase: Phase, val: KaryotypeDataset, devi
         return None
     if state is not None and "guard_baseline" in state:
         return {"baseline": float(state["guard_baseline"]), "localizer": state["guard_localizer"]}
-    baseline = _validate(model, phase, val, device, cfg)["val_type_acc"]
+    baseline = validate_phase(model, phase, val, device, cfg)["val_type_acc"]
     log.info("%s: L-Net validation type accuracy before refinement %.4f", phase.name, baseline)
     return {"baseline": baseline,
             "localizer": {k: v.detach().clone() for k, v in model.localizer.state_dict().items()}}
@@ -236,7 +238,9 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, phase: Phase, epoc
         torch.save(state, f)
 
 
-def _load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
+    """A phase checkpoint (model, optimizer, scheduler and progress state), with a clear error for a
+    truncated or foreign file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: the user must see which one
@@ -300,7 +304,8 @@ def _sizes(rows) -> tuple[list[float], list[float]]:
 
 
 # --------------------------------------------------------------------------- loop
-def _batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+def shuffled_batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of index batches in a random order; a last batch of one (BatchNorm) is dropped."""
     order = torch.randperm(n, generator=generator)
     return [order[i:i + batch] for i in range(0, n, batch) if len(order[i:i + batch]) >= 2]
 
@@ -401,11 +406,11 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
     augment = cfg.train.augment_degrees > 0 or cfg.train.augment_scale > 0 or cfg.train.augment_translate > 0
     for index, phase in enumerate(schedule(cfg)):
         path = ckpt_dir / f"{phase.name}.pt"
-        state = _load_checkpoint(path) if path.exists() else None
+        state = load_checkpoint(path) if path.exists() else None
         if state is not None and state["done"]:
             model.load_state_dict(state["model"])
             continue
-        params = _set_trainable(model, phase)
+        params = set_trainable(model, phase)
         refine = phase.name.startswith("locrefine")
         lr = cfg.train.lr * (cfg.train.localizer_refine_lr_scale if refine else 1.0)
         optimizer = torch.optim.Adam(params, lr=lr, weight_decay=cfg.train.weight_decay)
@@ -420,11 +425,11 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
             log.info("resume %s after epoch %d%s", phase.name, start, inside)
         guard = _refine_guard(model, phase, data.val, device, cfg, state)
         for epoch in range(start, phase.epochs):
-            _set_trainable(model, phase)
+            set_trainable(model, phase)
             te = time.perf_counter()
             gen = torch.Generator().manual_seed(int(cfg.train.seed * 1_000_003 + index * 1009 + epoch))
             total, count = 0.0, 0
-            batches = _batches(len(data.train), cfg.train.batch_size, gen)
+            batches = shuffled_batches(len(data.train), cfg.train.batch_size, gen)
             warmup = min(cfg.train.warmup_steps, len(batches))
             done = 0
             if state is not None and epoch == start and "batches_done" in state:  # resumed mid-epoch
@@ -467,7 +472,7 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
                       "lr": lr_used, "seconds": round(time.perf_counter() - te, 2)}
             every = cfg.train.val_every
             if epoch + 1 == phase.epochs or (every and (epoch + 1) % every == 0) or guard:
-                record.update(_validate(model, phase, data.val, device, cfg))
+                record.update(validate_phase(model, phase, data.val, device, cfg))
             if guard and epoch + 1 == phase.epochs and record["val_type_acc"] < guard["baseline"]:
                 model.localizer.load_state_dict(guard["localizer"])
                 record["reverted_to_val_type_acc"] = guard["baseline"]
@@ -492,7 +497,10 @@ def _interrupted(stop: StopSignal, where: str, checkpoint: Path) -> None:
     raise error
 
 
-def _validate(model, phase: Phase, val: KaryotypeDataset, device, cfg: KaryotypeConfig) -> dict:
+def validate_phase(model: VarifocalNet, phase: Phase, val: KaryotypeDataset, device: torch.device,
+                   cfg: KaryotypeConfig) -> dict:
+    """Validation metrics of ``phase``'s head: box L1 for the localizer, type and polarity accuracy
+    (on a fixed half of the cells turned upside down) for the classifying phases."""
     if len(val) == 0:
         return {}
     if phase.loss == "box":
