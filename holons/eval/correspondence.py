@@ -126,9 +126,9 @@ def part_whole_cosines(backbone: Backbone, x: torch.Tensor, *, k: int = 2, rando
 
     Pooled features of one backbone share a large common direction (a random init already gives raw
     cosines near 1), so two more columns measure what is specific to each whole: ``cosine_centred``, the
-    cosine after subtracting the mean embedding of all wholes and part means (0 when every embedding is
-    the same), and ``retrieved``, whether a whole's own part mean is the nearest (centred cosine) among
-    the part means of all wholes of its kind (chance: 1 / their number).
+    cosine after subtracting the mean embedding of the wholes and part means of the same kind (0 when
+    every embedding is the same), and ``retrieved``, whether a whole's own part mean is the nearest
+    (centred cosine) among the part means of all wholes of its kind (chance: 1 / their number).
 
     Returns rows ``index`` (image position in ``x``), ``whole`` ("image" | "random"), ``cosine``,
     ``cosine_centred``, ``retrieved``.
@@ -152,15 +152,16 @@ def part_whole_cosines(backbone: Backbone, x: torch.Tensor, *, k: int = 2, rando
     e_parts = torch.stack([pooled_embeddings(backbone, p, batch_size=batch_size, device=device)
                            for p in _quadrants(whole, k, size)]).mean(dim=0)
     cos = F.cosine_similarity(e_whole, e_parts, dim=1).numpy()
-    centre = torch.cat([e_whole, e_parts]).mean(dim=0, keepdim=True)
-    c_whole, c_parts = F.normalize(e_whole - centre, dim=1), F.normalize(e_parts - centre, dim=1)
-    cos_centred = (c_whole * c_parts).sum(dim=1).numpy()
     kind_of = np.asarray(kinds)
+    cos_centred = np.zeros(len(kinds))
     retrieved = np.zeros(len(kinds), dtype=bool)
-    for kind in dict.fromkeys(kinds):
+    for kind in dict.fromkeys(kinds):  # one centre per kind: upsampled crops share an offset of their own
         rows = torch.from_numpy(np.flatnonzero(kind_of == kind))
-        sim = c_whole[rows] @ c_parts[rows].T
-        retrieved[rows.numpy()] = (sim.argmax(dim=1) == torch.arange(len(rows))).numpy()
+        w, p = e_whole[rows], e_parts[rows]
+        centre = torch.cat([w, p]).mean(dim=0, keepdim=True)
+        w, p = F.normalize(w - centre, dim=1), F.normalize(p - centre, dim=1)
+        cos_centred[rows.numpy()] = (w * p).sum(dim=1).numpy()
+        retrieved[rows.numpy()] = ((w @ p.T).argmax(dim=1) == torch.arange(len(rows))).numpy()
     return pd.DataFrame({"index": owners, "whole": kinds, "cosine": cos.astype(np.float64),
                          "cosine_centred": cos_centred.astype(np.float64), "retrieved": retrieved})
 

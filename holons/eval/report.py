@@ -71,8 +71,8 @@ FAST_SETTINGS: dict[str, dict[str, Any]] = {
     "cam": {"size": 64},
 }
 # Bumped when a protocol's results gain fields, so cached results made by older code are recomputed
-# (correspondence 2: centred part-whole cosine and part-whole retrieval).
-RESULT_VERSIONS: dict[str, int] = {"correspondence": 2}
+# (correspondence 3: centred part-whole cosine and part-whole retrieval, centred per kind of whole).
+RESULT_VERSIONS: dict[str, int] = {"correspondence": 3}
 _TITLES = {"correspondence": "Zero-shot landmark correspondence", "fewshot-seg": "Few-shot segmentation",
            "classify": "Classification", "cam": "CAM localization"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
