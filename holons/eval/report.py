@@ -205,9 +205,8 @@ def _correspondence_records(s: dict) -> list[tuple[str, str, float | None, bool]
              for k, v in o.items() if k.startswith("pck@")]
     for kind, m in s.get("part_whole", {}).items():
         rows.append(("part-whole cosine (median)", f"{kind} wholes", m["median"], True))
-        if "centred_median" in m:
-            rows.append(("part-whole cosine, centred (median)", f"{kind} wholes", m["centred_median"], True))
-            rows.append(("part-whole retrieval top-1 (%)", f"{kind} wholes", 100 * m["retrieval_top1"], True))
+        rows.append(("part-whole cosine, centred (median)", f"{kind} wholes", m["centred_median"], True))
+        rows.append(("part-whole retrieval top-1 (%)", f"{kind} wholes", 100 * m["retrieval_top1"], True))
     return rows
 
 
@@ -440,20 +439,19 @@ def plot_loss_curves(curves: Mapping[str, pd.DataFrame], path: Path, methods: Se
 
 
 def plot_part_whole(cosines: Mapping[str, pd.DataFrame], path: Path, methods: Sequence[str]) -> Path | None:
-    """Distribution of cos(E(W), mean E(parts)) per method, one panel per kind of whole: the centred
-    cosine where every result has it (raw cosines sit near 1 for any backbone), else the raw one."""
+    """Distribution of the centred cos(E(W), mean E(parts)) per method, one panel per kind of whole (raw
+    cosines sit near 1 for any backbone)."""
     cosines = {m: c for m, c in cosines.items() if len(c)}
     if not cosines:
         return None
-    column = "cosine_centred" if all("cosine_centred" in c for c in cosines.values()) else "cosine"
-    label = "centred cosine" if column == "cosine_centred" else "cosine"
     kinds = list(dict.fromkeys(k for c in cosines.values() for k in c["whole"]))
     colors = _colors(methods)
     fig, axes = _grid(len(kinds), 2, 1.4 + 1.3 * len(cosines), 3.4)
     rng = np.random.default_rng(0)
     for ax, kind in zip(axes, kinds, strict=True):
         names = [m for m in cosines if (cosines[m]["whole"] == kind).any()]
-        values = [cosines[m].loc[cosines[m]["whole"] == kind, column].to_numpy(float) for m in names]
+        values = [cosines[m].loc[cosines[m]["whole"] == kind, "cosine_centred"].to_numpy(float)
+                  for m in names]
         box = ax.boxplot(values, patch_artist=True, showfliers=False, widths=0.6)
         for patch, m in zip(box["boxes"], names, strict=True):
             patch.set_facecolor(colors.get(m, "white"))
@@ -463,9 +461,9 @@ def plot_part_whole(cosines: Mapping[str, pd.DataFrame], path: Path, methods: Se
         ax.set_xticks(range(1, len(names) + 1))
         ax.set_xticklabels(names, fontsize=8)
         ax.set_title(f"{kind} wholes", fontsize=9)
-        ax.set_ylabel(label, fontsize=8)
+        ax.set_ylabel("centred cosine", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Part-whole consistency: {label} of E(whole) and the mean of E(parts), all seeds",
+    fig.suptitle("Part-whole consistency: centred cosine of E(whole) and the mean of E(parts), all seeds",
                  fontsize=10)
     return _save(fig, path)
 
