@@ -367,6 +367,8 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         device = resolve_device(cfg.train.device)
+        if device.type == "cuda":  # fixed input sizes: cuDNN may time its kernels once and keep the fastest
+            torch.backends.cudnn.benchmark = True
         _check_resumed_config(cfg, out / "config.yaml", resume)
         final_head(cfg)  # a head the schedule cannot train stops the run before any work
         save_config(cfg, out / "config.yaml")
@@ -442,13 +444,14 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
                 if epoch == 0 and b <= warmup:  # linear warm-up: the phase's lr again after `warmup` batches
                     for group in optimizer.param_groups:
                         group["lr"] = group["initial_lr"] * b / warmup
-                x = data.train.images[idx].float().div_(255.0)
-                x, pol = random_flips(x, data.train.polarity[idx], gen, cfg.train.hflip)
+                # the batch goes to the device as uint8 and is augmented there: on a GPU the flips and
+                # the affine resampling at zoom-source size would otherwise bound the loop on the CPU
+                x = data.train.images[idx].to(device, non_blocking=True).float().div_(255.0)
+                x, pol = random_flips(x, data.train.polarity[idx].to(device), gen, cfg.train.hflip)
                 if augment:
                     x = random_affine(x, gen, degrees=cfg.train.augment_degrees,
                                       scale=cfg.train.augment_scale, translate=cfg.train.augment_translate)
-                loss = phase_loss(model, phase, x.to(device), data.train.labels[idx].to(device),
-                                  pol.to(device), cfg, gen)
+                loss = phase_loss(model, phase, x, data.train.labels[idx].to(device), pol, cfg, gen)
                 if not torch.isfinite(loss):
                     raise HolonsError(f"{phase.name}: loss became {loss.item()} at epoch {epoch + 1}")
                 optimizer.zero_grad(set_to_none=True)
