@@ -7,7 +7,11 @@
 #   mkdir -p .device && tar czf .device/pki3.tgz -C ../shared/data/chromosomes pki3_gband
 # then run this script there with `carry: [".device", ".whl"]`:
 #   OUT=$OUT DEADLINE=540 bash benchmarks/device_karyotype.sh [--variants g_only varifocal ...] [--set ...]
-# Extra arguments go to benchmarks/karyotype_ablation.py. Results land in $OUT (results.md / .json and
+# Extra arguments go to benchmarks/karyotype_ablation.py; `--jobs N --set train.threads=T` trains N rows
+# side by side on the one GPU (one small ResNet-18 run leaves most of an H200 idle), e.g. the four
+# random-init rows of the table in one lease:
+#   OUT=$OUT DEADLINE=560 bash benchmarks/device_karyotype.sh --variants l_whole varifocal \
+#     varifocal_cutmix g_only --jobs 4 --set train.threads=3 Results land in $OUT (results.md / .json and
 # each run's metrics and confusion matrix); a run cut by the deadline is resumable with the same call.
 # On a machine without holons' own dependencies, wheels in .whl/ (pydicom, timm) are installed first.
 set -u
@@ -39,7 +43,7 @@ timeout --signal=TERM --kill-after=15 "$left" $PY benchmarks/karyotype_ablation.
   --manifest "$DATA/pki3_gband/manifest.csv" --out "$RUNS" --device "$DEVICE" "$@" > "$OUT/ablation.log" 2>&1
 rc=$?
 tail -30 "$OUT/ablation.log"
-(cd "$RUNS" && find . \( -name 'results.*' -o -name 'metrics*.json*' -o -name '*.png' -o -name 'split.csv' \
+(cd "$RUNS" && find . \( -name 'results.*' -o -name 'job*.log' -o -name 'train.log' -o -name 'metrics*.json*' -o -name '*.png' -o -name 'split.csv' \
   -o -name 'config.yaml' \) -print0 | tar czf "$OUT/runs.tgz" --null -T -) 2>/dev/null
 cp "$RUNS"/results.* "$OUT/" 2>/dev/null
 echo "== rc $rc, elapsed $(( $(date +%s) - t_start )) s"

@@ -2,7 +2,8 @@
 
 Runs, each trained and evaluated by ``train_karyotype`` in its own folder ``OUT/<name>``:
 
-1. ``g_only``: the G-Net alone (``model.variant=g_only``);
+1. ``g_only``: the G-Net alone (``model.variant=g_only``, reporting its own head whatever the base
+   config's ``model.output_head``);
 2. ``l_whole``: the L-Net fed the whole chromosome instead of the learned crop, fused with the G-Net;
 3. ``varifocal``: G-Net + L-Net on the learned zoom + fusion, random init, CutMix off;
 4. ``varifocal_foundation``: as 3 with both backbones from ``--foundation`` (a ``holons export``
@@ -18,6 +19,11 @@ the pairs stay explicit whatever the base config says.
 ``--folds K`` runs each selected row as a K-fold cross-validation by slide instead (``data.folds=K``,
 ``data.fold=k``, folders ``OUT/<name>/fold<k>``; validation slides are carved from the training
 folds) and reports mean ± sd over the folds; every fold must finish for the row to count.
+
+``--jobs N`` trains the selected rows in N processes side by side (round robin in table order; one
+GPU shared, each process's log in ``OUT/jobs/job<k>.log``), then makes the table from their runs as a
+rerun would. Split the CPU threads yourself (``--set train.threads=...``): the setting is part of
+every run's config, so the table's own pass must see the same value.
 
 Rerunning the script reuses a finished run (same resolved config; a different one is reported as
 a failure, never silently mixed in), resumes an interrupted one from its checkpoints, and starts
@@ -42,7 +48,9 @@ import hashlib
 import json
 import logging
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -85,7 +93,7 @@ def ablation_runs(foundation: str | Path | None = None, cutmix_prob: float = 0.5
     where = json.dumps(str(foundation))  # a quoted YAML string, whatever the path holds
     init = (f"model.g_pretrained_dir={where}", f"model.l_pretrained_dir={where}") if foundation else ()
     return [
-        AblationRun("g_only", "G-Net only", ("model.variant=g_only", off)),
+        AblationRun("g_only", "G-Net only", ("model.variant=g_only", "model.output_head=g", off)),
         AblationRun("l_whole", "L-Net on the whole chromosome (+ G-Net fusion)",
                     ("model.variant=l_whole", off)),
         AblationRun("varifocal", "Varifocal (G + L on the learned zoom), random init",
@@ -334,6 +342,58 @@ def _write(out: Path, results: dict) -> None:
         f.write(results_markdown(results))
 
 
+# --------------------------------------------------------------------------- side by side
+def job_variants(variants: list[str], jobs: int) -> list[list[str]]:
+    """The rows each of ``jobs`` processes trains: round robin in table order, no empty job."""
+    chunks = [variants[k::jobs] for k in range(jobs)]
+    return [c for c in chunks if c]
+
+
+def run_jobs(argv: list[str], out: Path, chunks: list[list[str]]) -> int:
+    """Run this script once per chunk of rows (``argv`` without ``--variants`` / ``--jobs``), side by
+    side. The processes have their own sessions, so a terminal's Ctrl-C or a ``timeout`` reaches
+    them once, passed on from here: each checkpoints its run. Returns the first interruption's exit
+    code, else 0 (failed runs are recorded by the table's own pass)."""
+    logs = out / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for k, chunk in enumerate(chunks):
+        with open(logs / f"job{k}.log", "w") as f:
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
+                                           "--variants", *chunk], stdout=f, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        log.info("job %d (pid %d): %s; log %s", k, procs[-1].pid, " ".join(chunk), logs / f"job{k}.log")
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for k, rc in enumerate(codes):
+        log.info("job %d exited with %d", k, rc)
+    stopped = [128 - rc if rc < 0 else rc for rc in codes if rc < 0 or rc >= 128]  # -N: killed by signal N
+    return stopped[0] if stopped else 0
+
+
+def _argv_without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` with each option in ``options`` and its values (up to the next option) removed."""
+    kept, skipping = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a.split("=", 1)[0] in options
+            if skipping:
+                continue
+        if not skipping:
+            kept.append(a)
+    return kept
+
+
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -352,11 +412,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="K >= 2: each row as a K-fold cross-validation by slide (mean ± sd over folds)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run: 4 training cases, input 32, 1 epoch per step")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train the rows in this many processes side by side, then make the table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from holons.finetune.karyotype.train import KaryotypeInterrupted
 
     manifest = args.manifest or default_manifest()
+    if args.jobs < 1:
+        print(f"karyotype_ablation: error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    chunks = job_variants(list(args.variants or VARIANTS), args.jobs)
+    if len(chunks) > 1:
+        rc = run_jobs(_argv_without(list(sys.argv[1:] if argv is None else argv), ("--variants", "--jobs")),
+                      args.out, chunks)
+        if rc:
+            print(f"karyotype_ablation: a job was interrupted (exit {rc}); rerun the same command "
+                  "to continue", file=sys.stderr)
+            return rc
     try:
         if manifest is None:
             raise HolonsError(f"no --manifest and no shared data with {PKI3_MANIFEST} ($HOLONS_DATA)")

@@ -13,6 +13,7 @@ import pytest
 from holons.config import load_config
 from holons.data.synthetic.karyotypes import generate_karyotypes
 from holons.finetune.karyotype.config import KaryotypeConfig
+from holons.finetune.karyotype.train import final_head
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_ablation.py"
 _spec = importlib.util.spec_from_file_location("karyotype_ablation", SCRIPT)
@@ -37,6 +38,10 @@ def test_runs_make_the_pairs_explicit(tmp_path):
         "g_only": "g_only", "l_whole": "l_whole", "varifocal": "varifocal",
         "varifocal_foundation": "varifocal", "varifocal_cutmix": "varifocal"}
     assert [c.train.cutmix_prob for c in cfgs.values()] == [0.0, 0.0, 0.0, 0.0, 0.25]
+    # the G-Net-only row reports the G head even where the base config asks for G + L averaged
+    g_only = load_config(KaryotypeConfig, ablation.DEFAULT_CONFIG,
+                         ["model.output_head=mean", *runs[0].overrides])
+    assert final_head(g_only) == "g"
     found = cfgs["varifocal_foundation"].model
     assert found.g_pretrained_dir == found.l_pretrained_dir == str(tmp_path / "export dir")
     assert cfgs["varifocal"].model.g_pretrained_dir is None
@@ -91,6 +96,27 @@ def test_quick_ablation_table_reuse_and_failures(tmp_path, capsys):
     assert ablation.main([*common, "--variants", "g_only", "--set", "train.gnet_epochs=2"]) == 1
     changed = json.loads((out / "results.json").read_text())["runs"][0]
     assert changed["status"] == "failed" and "train.gnet_epochs" in changed["note"]
+
+
+def test_jobs_split_the_rows_and_the_table_collects_them(tmp_path):
+    assert ablation.job_variants(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
+    assert ablation.job_variants(["a"], 3) == [["a"]]
+    argv = ["--out", "o", "--variants", "g_only", "varifocal", "--set", "a=1", "--jobs=2", "--quick"]
+    assert ablation._argv_without(argv, ("--variants", "--jobs")) == ["--out", "o", "--set", "a=1", "--quick"]
+    manifest = generate_karyotypes(tmp_path / "syn", cases=6, seed=2, abnormal_rate=0.0, flip_rate=0.5,
+                                   workers=1)
+    out = tmp_path / "jobs"
+    argv = ["--manifest", str(manifest), "--out", str(out), "--quick", "--device", "cpu",
+            "--set", "train.threads=1", "--variants", "g_only", "l_whole", "--jobs", "2"]
+    assert ablation.main(argv) == 0
+    for k, name in enumerate(["g_only", "l_whole"]):  # each row trained by its own process
+        assert f"== 1/1 {name}" in (out / "jobs" / f"job{k}.log").read_text()
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["name"], r["status"]) for r in rows] == [("g_only", "reused"), ("l_whole", "reused")]
+    for r in rows:
+        saved = json.loads((out / r["name"] / "eval" / "metrics.json").read_text())
+        assert r["type_accuracy"] == saved["type_accuracy"]
+    assert ablation.main([*argv[:-1], "0"]) == 2
 
 
 def test_folds_cross_validate_each_row_by_slide(tmp_path):
