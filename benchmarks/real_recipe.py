@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pretraining seeds (each one pretrains both methods and gets its own comparison)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to BOTH methods (repeatable; YAML values)")
+    g.add_argument("--set-adamv2", dest="overrides_adamv2", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for adamv2 alone, after --set (repeatable): a probe of one of its "
+                        "settings against the same dino runs")
     g = p.add_argument_group("evaluation")
     g.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="evaluation seeds (pairs, few-shot support and decoder, random init; default 0 1 2, "
@@ -256,17 +259,19 @@ def check_no_eval_leak(cached: pd.DataFrame, radiographs: Path) -> None:
 
 
 # --------------------------------------------------------------------------- pretraining
-def budget_config(path: Path, args: argparse.Namespace, seed: int, cache: Path) -> dict[str, Any]:
-    """The YAML config with the run's settings and ``--set`` overrides applied, its curriculum rewritten
-    to ``--steps`` steps: every stage keeps its share (``epochs_per_level`` or ``steps_per_level`` times
-    its number of levels) as whole ``steps_per_level``."""
+def budget_config(path: Path, args: argparse.Namespace, seed: int, cache: Path,
+                  extra: list[str] | None = None) -> dict[str, Any]:
+    """The YAML config with the run's settings, the ``--set`` overrides and then ``extra`` applied, its
+    curriculum rewritten to ``--steps`` steps: every stage keeps its share (``epochs_per_level`` or
+    ``steps_per_level`` times its number of levels) as whole ``steps_per_level``."""
     from holons.config import _merge, parse_overrides
 
     cfg = yaml.safe_load(path.read_text())
     run = {"seed": seed, "device": args.device, "data": {"cache_dir": str(cache), "split": "train"}}
     if args.batch_size:
         run["data"]["batch_size"] = args.batch_size
-    return rewrite_curriculum(_merge(_merge(cfg, run), parse_overrides(args.overrides)), args.steps)
+    cfg = _merge(_merge(cfg, run), parse_overrides(args.overrides))
+    return rewrite_curriculum(_merge(cfg, parse_overrides(extra or [])), args.steps)
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
@@ -480,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.pretrain_seeds:
         budget = None
         for method in METHODS:
-            cfg = budget_config(configs[method], args, seed, out / "cache")
+            cfg = budget_config(configs[method], args, seed, out / "cache",
+                                args.overrides_adamv2 if method == "adamv2" else None)
             if cfg.get("method") != method:
                 raise SystemExit(f"{configs[method]} has method {cfg.get('method')!r}, expected {method!r}")
             steps = curriculum_steps(cfg)
@@ -535,7 +541,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "benchmarks/real_recipe.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "data": data_info,
         "budget": {"steps": budget, "batch_size": batch, "arch": arch, "pretrain_seeds": args.pretrain_seeds,
-                   "overrides": args.overrides, "pretrain_s": round(pretrain_s, 1)},
+                   "overrides": args.overrides,
+                   "overrides_adamv2": args.overrides_adamv2, "pretrain_s": round(pretrain_s, 1)},
         "runs": {m: {str(s): r for s, r in v.items()} for m, v in runs.items()},
         "eval": {"data": str(jsrt), "seeds": args.seeds, "settings": settings,
                  "reports": {str(s): v["report"] for s, v in summaries.items()},

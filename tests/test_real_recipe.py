@@ -51,3 +51,14 @@ def test_pooling_over_pretraining_seeds_uses_their_spread_and_pairs_the_seeds():
     paired = recipe.paired_gains(pooled)["correspondence mean error (px)"]["vs_dino"]
     assert paired["mean"] == pytest.approx(10.0) and paired["wins"] == 2 and paired["n"] == 3
     assert paired["sd"] == pytest.approx(17.3205, abs=1e-3)  # differences 20, -10, 20
+
+
+def test_adamv2_overrides_apply_after_the_shared_ones_and_to_adamv2_alone(tmp_path):
+    args = recipe.parse_args(["--set", "optim.momentum_teacher=0.98", "--set", "views.n_global=3",
+                              "--set-adamv2", "views.n_global=2", "--steps", "30"])
+    config = Path(recipe.__file__).parents[1] / "configs" / "pretrain" / "cpu_real.yaml"
+    adamv2 = recipe.budget_config(config, args, 0, tmp_path, args.overrides_adamv2)
+    dino = recipe.budget_config(config.with_name("cpu_real_dino.yaml"), args, 0, tmp_path)
+    assert adamv2["views"]["n_global"] == 2 and dino["views"]["n_global"] == 3
+    assert adamv2["optim"]["momentum_teacher"] == dino["optim"]["momentum_teacher"] == 0.98
+    assert recipe.curriculum_steps(adamv2) == recipe.curriculum_steps(dino) == 30
