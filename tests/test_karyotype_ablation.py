@@ -27,6 +27,12 @@ RATES = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _cells(folder: Path, cases: int, seed: int, abnormal_rate: float = 0.0) -> Path:
+    """A small synthetic karyotype set (half the chromosomes upside down); returns its manifest."""
+    return generate_karyotypes(folder, cases=cases, seed=seed, abnormal_rate=abnormal_rate, flip_rate=0.5,
+                               workers=1)
+
+
 def test_runs_make_the_pairs_explicit(tmp_path):
     runs = ablation.ablation_runs(tmp_path / "export dir", cutmix_prob=0.25)
     assert [r.name for r in runs] == list(ablation.VARIANTS)
@@ -48,8 +54,7 @@ def test_runs_make_the_pairs_explicit(tmp_path):
 
 
 def test_quick_ablation_table_reuse_and_failures(tmp_path, capsys):
-    manifest = generate_karyotypes(tmp_path / "syn", cases=8, seed=0, abnormal_rate=0.2, flip_rate=0.5,
-                                   workers=1)
+    manifest = _cells(tmp_path / "syn", cases=8, seed=0, abnormal_rate=0.2)
     wrong = tmp_path / "export"  # an export of another architecture: that run fails, the others go on
     wrong.mkdir()
     (wrong / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
@@ -103,8 +108,7 @@ def test_jobs_split_the_rows_and_the_table_collects_them(tmp_path):
     assert ablation.job_variants(["a"], 3) == [["a"]]
     argv = ["--out", "o", "--variants", "g_only", "varifocal", "--set", "a=1", "--jobs=2", "--quick"]
     assert ablation._argv_without(argv, ("--variants", "--jobs")) == ["--out", "o", "--set", "a=1", "--quick"]
-    manifest = generate_karyotypes(tmp_path / "syn", cases=6, seed=2, abnormal_rate=0.0, flip_rate=0.5,
-                                   workers=1)
+    manifest = _cells(tmp_path / "syn", cases=6, seed=2)
     out = tmp_path / "jobs"
     argv = ["--manifest", str(manifest), "--out", str(out), "--quick", "--device", "cpu",
             "--set", "train.threads=1", "--variants", "g_only", "l_whole", "--jobs", "2"]
@@ -120,8 +124,7 @@ def test_jobs_split_the_rows_and_the_table_collects_them(tmp_path):
 
 
 def test_folds_cross_validate_each_row_by_slide(tmp_path):
-    manifest = generate_karyotypes(tmp_path / "syn", cases=6, seed=1, abnormal_rate=0.0, flip_rate=0.5,
-                                   workers=1)
+    manifest = _cells(tmp_path / "syn", cases=6, seed=1)
     out = tmp_path / "cv"
     common = ["--manifest", str(manifest), "--out", str(out), "--quick", "--device", "cpu",
               "--set", "train.threads=1", "data.val_fraction=0.2", "--variants", "g_only", "--folds", "2"]
