@@ -11,8 +11,9 @@
 # side by side on the one GPU (one small ResNet-18 run leaves most of an H200 idle), e.g. the four
 # random-init rows of the table in one lease:
 #   OUT=$OUT DEADLINE=560 bash benchmarks/device_karyotype.sh --variants l_whole varifocal \
-#     varifocal_cutmix g_only --jobs 4 --set train.threads=3 Results land in $OUT (results.md / .json and
-# each run's metrics and confusion matrix); a run cut by the deadline is resumable with the same call.
+#     varifocal_cutmix g_only --jobs 4 --set train.threads=3
+# Results land in $OUT (results.md / .json, and in runs.tgz each run's metrics, logs and confusion
+# matrix); a run cut by the deadline is resumable with the same call on the same machine.
 # On a machine without holons' own dependencies, wheels in .whl/ (pydicom, timm) are installed first.
 set -u
 OUT=${OUT:-/tmp/device_out}
@@ -43,8 +44,9 @@ timeout --signal=TERM --kill-after=15 "$left" $PY benchmarks/karyotype_ablation.
   --manifest "$DATA/pki3_gband/manifest.csv" --out "$RUNS" --device "$DEVICE" "$@" > "$OUT/ablation.log" 2>&1
 rc=$?
 tail -30 "$OUT/ablation.log"
-(cd "$RUNS" && find . \( -name 'results.*' -o -name 'job*.log' -o -name 'train.log' -o -name 'metrics*.json*' -o -name '*.png' -o -name 'split.csv' \
-  -o -name 'config.yaml' \) -print0 | tar czf "$OUT/runs.tgz" --null -T -) 2>/dev/null
+(cd "$RUNS" && find . \( -name 'results.*' -o -name 'job*.log' -o -name 'train.log' -o -name 'metrics*.json*' \
+  -o -name '*.png' -o -name 'split.csv' -o -name 'config.yaml' \) -print0 | tar czf "$OUT/runs.tgz" --null -T -) \
+  2>/dev/null
 cp "$RUNS"/results.* "$OUT/" 2>/dev/null
 echo "== rc $rc, elapsed $(( $(date +%s) - t_start )) s"
 exit $rc
