@@ -446,7 +446,7 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
                         group["lr"] = group["initial_lr"] * b / warmup
                 # the batch goes to the device as uint8 and is augmented there: on a GPU the flips and
                 # the affine resampling at zoom-source size would otherwise bound the loop on the CPU
-                x = data.train.images[idx].to(device, non_blocking=True).float().div_(255.0)
+                x = data.train.images[idx].to(device).float().div_(255.0)
                 x, pol = random_flips(x, data.train.polarity[idx].to(device), gen, cfg.train.hflip)
                 if augment:
                     x = random_affine(x, gen, degrees=cfg.train.augment_degrees,
