@@ -29,8 +29,9 @@ the repository):
 Budget (measured on the shared 2-core VM at load average ~3, one torch thread): index + 128 px cache
 of the 372 images ~10 s; 64 / 32 px views cost ~0.9 s per adamv2 step and ~0.45 s per dino step
 (96 / 48 px: ~1.9 and ~0.8 s), so the default 1000 steps per method take ~22 minutes; the JSRT
-evaluation ~65 s per model and seed (~10 minutes for 3 x 3). About 35 minutes in all (under 60 on a
-busier machine); ``--fast`` is a smoke test of under a minute::
+evaluation ~45 s (correspondence) + ~100-160 s (few-shot, 240 decoder steps) per model and seed (~25
+minutes for 3 x 3). About 50 minutes in all (under 60 on an idle machine with ``--threads 2``);
+``--fast`` is a smoke test of under a minute::
 
     .venv/bin/python benchmarks/real_recipe.py --out /tmp/real_recipe
     .venv/bin/python benchmarks/real_recipe.py --out /tmp/real_recipe_fast --fast
@@ -74,7 +75,10 @@ JSRT = "jsrt_scr"
 EVAL_SETTINGS: dict[str, dict[str, Any]] = {
     "correspondence": {"size": 256, "pairs": 30, "radii": (10.0, 20.0, 40.0), "random_wholes": 1,
                        "stages": 2, "split": "val"},
-    "fewshot-seg": {"shots": (6, 12), "modes": ("frozen",), "size": 128, "steps": 60, "batch_size": 8,
+    # 240 decoder steps (fewshot_seg.DEFAULT_STEPS): with the 60 used until 2026-11-27 16:00 the decoder
+    # could not fit its support set, and random init trailed the pretrained models mostly by how fast
+    # their decoders converged (RESULTS.md, "Few-shot decoder steps").
+    "fewshot-seg": {"shots": (6, 12), "modes": ("frozen",), "size": 128, "steps": 240, "batch_size": 8,
                     "support_split": "train", "eval_split": "val"},
 }
 FAST_EVAL_SETTINGS: dict[str, dict[str, Any]] = {

@@ -499,7 +499,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     f.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=["frozen", "finetune"])
     f.add_argument("--size", type=int, default=128, help="image side in pixels")
-    f.add_argument("--steps", type=int, default=100, help="training steps per run")
+    f.add_argument("--steps", type=int, default=None,
+                   help="decoder training steps per run (default: 240, enough to fit the support set)")
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many images")
     f.set_defaults(func=_cmd_evaluate_fewshot)
@@ -548,7 +549,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seg-size", type=int, default=None, help="few-shot image side in pixels (default: 96)")
     m.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=None,
                    help="few-shot encoder modes (default: frozen)")
-    m.add_argument("--fewshot-steps", type=int, default=None, help="few-shot training steps (default: 40)")
+    m.add_argument("--fewshot-steps", type=int, default=None,
+                   help="few-shot decoder steps (default: 40, sized for the demo; 240, the fewshot-seg "
+                        "default, lets the decoder fit its support set: use it for studies)")
     m.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     m.set_defaults(func=_cmd_evaluate_compare)
 
@@ -572,8 +575,8 @@ def _cmd_evaluate_fewshot(args: argparse.Namespace) -> int:
 
     summary = run_fewshot_segmentation(
         args.weights, args.data, args.out, arch=args.arch, shots=tuple(args.shots), seeds=tuple(args.seeds),
-        modes=tuple(args.modes), size=args.size, steps=args.steps, batch_size=args.batch_size,
-        max_eval=args.max_eval, device=args.device,
+        modes=tuple(args.modes), size=args.size, batch_size=args.batch_size,
+        max_eval=args.max_eval, device=args.device, **({} if args.steps is None else {"steps": args.steps}),
     )
     print(format_fewshot(summary))
     print(f"Dice on {summary['eval_images']} {summary['eval_split']} images in {summary['elapsed_s']:.0f} s; "

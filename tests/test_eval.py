@@ -17,7 +17,7 @@ from holons.eval import metrics
 from holons.eval.classify import knn_scores, label_subset, linear_probe_scores, load_classification_set
 from holons.eval.correspondence import match_points, part_whole_cosines, sample_pairs
 from holons.eval.features import load_backbone
-from holons.eval.fewshot_seg import evaluate_fewshot_segmentation
+from holons.eval.fewshot_seg import evaluate_fewshot_segmentation, format_fewshot
 from holons.eval.landmark_data import STRUCTURES, load_annotated, resize_mask, scale_points
 
 torch.set_num_threads(1)
@@ -286,6 +286,20 @@ def test_fewshot_segmentation_end_to_end(phantoms):
     assert set(d) == {"frozen", "finetune"}
     assert set(d["frozen"]["2"]) >= {*STRUCTURES, "lungs", "clavicles", "mean"}
     assert len(d["frozen"]["2"]["heart"]["per_seed"]) == 2
+    fit = result.summary["support_dice"]
+    assert set(fit) == {"frozen", "finetune"} and set(fit["frozen"]["2"]) == set(d["frozen"]["2"])
+    assert "support fit" in format_fewshot(result.summary)
+
+
+def test_fewshot_support_fit_shows_an_undertrained_decoder(phantoms):
+    """The support-set Dice is what tells too few decoder steps apart: it rises with training."""
+    backbone = load_backbone("random", "resnet10t")
+    data = load_annotated(phantoms)
+    fits = [evaluate_fewshot_segmentation(backbone, data, shots=(2,), seeds=(0,), modes=("frozen",), size=32,
+                                          steps=steps, max_eval=1, progress=False
+                                          ).summary["support_dice"]["frozen"]["2"]["mean"]["mean"]
+            for steps in (1, 60)]
+    assert 0 <= fits[0] < fits[1] - 0.2 and fits[1] <= 1
 
 
 # --------------------------------------------------------------------------- CLI
