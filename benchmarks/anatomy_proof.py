@@ -214,15 +214,27 @@ def comparable_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from holons.ssl.config import PretrainConfig
 
     d = to_dict(load_config(PretrainConfig, None, cfg))
-    for key in ("resume", "overwrite", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("resume", "overwrite", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         d.pop(key, None)
     return d
 
 
-def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str, Any]:
-    """Pretrain (or reuse a finished run with the same config); returns its export folder and summary."""
+def pretrain_or_resume(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> Any:
+    """``pretrain`` ``cfg`` into ``run_dir``. With ``reuse``, an interrupted run of the same config
+    (stopped, killed) continues from its last checkpoint; otherwise the run dir starts over."""
+    from holons.ssl.checkpoint import latest_checkpoint
     from holons.ssl.trainer import pretrain
 
+    previous = run_dir / "config.yaml"
+    resume = (reuse and previous.is_file() and latest_checkpoint(run_dir / "checkpoints") is not None
+              and comparable_config(yaml.safe_load(previous.read_text())) == comparable_config(cfg))
+    if resume:
+        _log(f"pretrain: {run_dir.name} continues from its last checkpoint")
+    return pretrain(cfg, run_dir, ["resume=true" if resume else "overwrite=true"], progress=False)
+
+
+def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str, Any]:
+    """Pretrain (or reuse a finished run with the same config); returns its export folder and summary."""
     exported = run_dir / "exported"
     if reuse and exported.is_dir() and (run_dir / "config.yaml").is_file():
         previous = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -231,7 +243,7 @@ def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str
             return {"run_dir": str(run_dir), "exported": str(exported), "reused": True,
                     **_run_summary(run_dir)}
     t0 = time.perf_counter()
-    result = pretrain(cfg, run_dir, ["overwrite=true"], progress=False)
+    result = pretrain_or_resume(cfg, run_dir, reuse)
     wall = time.perf_counter() - t0
     if result.status != "finished" or not exported.is_dir():
         raise RuntimeError(f"pretraining {run_dir.name} ended {result.status} at step {result.step}")

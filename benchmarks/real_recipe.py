@@ -63,7 +63,12 @@ for _p in (REPO, Path(__file__).resolve().parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from anatomy_proof import comparable_config, curriculum_steps, rewrite_curriculum  # noqa: E402
+from anatomy_proof import (  # noqa: E402
+    comparable_config,
+    curriculum_steps,
+    pretrain_or_resume,
+    rewrite_curriculum,
+)
 
 CONFIGS = REPO / "configs" / "pretrain"
 METHODS = ("adamv2", "dino")
@@ -295,9 +300,9 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def pretrain_and_export(cfg: dict[str, Any], run_dir: Path, weights_dir: Path, reuse: bool) -> dict[str, Any]:
-    """Pretrain (or reuse a finished run with the same config), then export its teacher to ``weights_dir``."""
+    """Pretrain (or reuse a finished run with the same config; with ``reuse`` an interrupted one continues
+    from its last checkpoint), then export its teacher to ``weights_dir``."""
     from holons.ssl.export import export
-    from holons.ssl.trainer import pretrain
 
     info: dict[str, Any] = {"run_dir": str(run_dir), "weights": str(weights_dir)}
     previous = run_dir / "config.yaml"
@@ -306,7 +311,7 @@ def pretrain_and_export(cfg: dict[str, Any], run_dir: Path, weights_dir: Path, r
         _log(f"pretrain: reusing {run_dir.name}")
         return {**info, "reused": True, **_run_summary(run_dir)}
     t0 = time.perf_counter()
-    result = pretrain(cfg, run_dir, ["overwrite=true"], progress=False)
+    result = pretrain_or_resume(cfg, run_dir, reuse)
     wall = time.perf_counter() - t0
     if result.status != "finished":
         raise SystemExit(f"pretraining {run_dir.name} ended {result.status} at step {result.step}")

@@ -62,3 +62,20 @@ def test_adamv2_overrides_apply_after_the_shared_ones_and_to_adamv2_alone(tmp_pa
     assert adamv2["views"]["n_global"] == 2 and dino["views"]["n_global"] == 3
     assert adamv2["optim"]["momentum_teacher"] == dino["optim"]["momentum_teacher"] == 0.98
     assert recipe.curriculum_steps(adamv2) == recipe.curriculum_steps(dino) == 30
+
+
+def test_an_interrupted_pretraining_continues_from_its_checkpoint_with_reuse(tmp_path):
+    from pretrain_fixtures import tiny_config, write_phantoms
+
+    images = write_phantoms(tmp_path / "images", n=8)
+    cfg = tiny_config(images, [{"mode": "localizability", "levels": [0], "steps_per_level": 4}],
+                      checkpoint_every=2)
+    run, weights = tmp_path / "run", tmp_path / "weights"
+    stopped = recipe.pretrain_or_resume({**cfg, "max_steps": 2}, run, reuse=False)
+    assert stopped.status == "stopped" and stopped.step == 2
+    info = recipe.pretrain_and_export(cfg, run, weights, reuse=True)
+    assert not info["reused"] and (weights / "model.safetensors").is_file()
+    assert "resumed from" in (run / "train.log").read_text()
+    # another config, or no --reuse: the run dir starts over
+    restarted = recipe.pretrain_or_resume({**cfg, "seed": 1}, run, reuse=True)
+    assert restarted.status == "finished" and "resumed from" not in (run / "train.log").read_text()
