@@ -472,6 +472,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--weights", required=True,
                        help="exported foundation folder (model.safetensors + config.json), or 'random'")
         q.add_argument("--arch", default=None, help="timm architecture (required with --weights random)")
+        q.add_argument("--init-seed", type=int, default=0,
+                       help="seed of the random init of --weights random (a rerun evaluates the same model)")
         q.add_argument("--data", type=Path, required=True, help=data_help)
         q.add_argument("--out", type=Path, required=True, help="output folder (results.json + CSV)")
         q.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -664,6 +666,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "init_seed", None) is not None and getattr(args, "weights", None) == "random":
+        import torch
+
+        torch.manual_seed(args.init_seed)
     try:
         return int(args.func(args) or 0)
     except HolonsError as e:

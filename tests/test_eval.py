@@ -316,6 +316,15 @@ def test_cli_correspondence_writes_results(phantoms, tmp_path, capsys):
     assert res["overall"]["n_points"] == 3 * 166
     assert (out / "points.csv").is_file() and "image" in res["part_whole"]
     assert "heart" in capsys.readouterr().out
+    # random init is seeded (--init-seed, default 0): a rerun evaluates the same model, another seed another
+    errors = []
+    for i, extra in enumerate(([], ["--init-seed", "1"])):
+        again = tmp_path / f"corr{i}"
+        assert main(["evaluate", "correspondence", "--weights", "random", "--arch", "resnet10t", "--data",
+                     str(phantoms), "--out", str(again), "--size", "64", "--pairs", "3", "--radii", "5", "20",
+                     "--stages", "2", "--device", "cpu", *extra]) == 0
+        errors.append(json.loads((again / "results.json").read_text())["overall"]["mean_px"])
+    assert errors[0] == res["overall"]["mean_px"] != errors[1]
 
 
 def test_cli_classify_and_bad_weights(phantoms, tmp_path, capsys):
