@@ -29,8 +29,9 @@ the repository):
 Budget (measured on the shared 2-core VM at load average ~3, one torch thread): index + 128 px cache
 of the 372 images ~10 s; 64 / 32 px views cost ~0.9 s per adamv2 step and ~0.45 s per dino step
 (96 / 48 px: ~1.9 and ~0.8 s), so the default 1000 steps per method take ~22 minutes; the JSRT
-evaluation ~45 s (correspondence) + ~100-160 s (few-shot, 240 decoder steps) per model and seed (~25
-minutes for 3 x 3). About 50 minutes in all (under 60 on an idle machine with ``--threads 2``);
+evaluation per model and seed ~25 s (correspondence) + ~85 s (few-shot, 240 decoder steps) with two
+threads on an idle machine, ~45 + ~160 s with one thread on a busy one (3 x 3 runs: ~16 / ~31 minutes).
+About 30 minutes in all with ``--threads 2`` on an idle machine, under 60 with one thread on a busy one;
 ``--fast`` is a smoke test of under a minute::
 
     .venv/bin/python benchmarks/real_recipe.py --out /tmp/real_recipe
