@@ -387,14 +387,11 @@ def evaluate_fewshot_segmentation(
         model = train_segmenter(backbone, x, y, mode=mode, steps=steps, batch_size=batch_size, lr=lr,
                                 encoder_lr=encoder_lr, width=width, image_width=image_width, groups=groups,
                                 bce_weight=bce_weight, balance_bce=balance_bce, seed=seed, device=dev)
-        pred = predict_masks(model, ev_x, batch_size=batch_size, device=dev)
-        for j, image_id in enumerate(eval_ids):
-            for k, s in enumerate(STRUCTURES):
-                rows.append((mode, n, seed, image_id, s, dice(pred[j, k], ev_mask[j, k])))
-        fit = predict_masks(model, x, batch_size=batch_size, device=dev)
-        for j, image_id in enumerate(chosen):
-            for k, s in enumerate(STRUCTURES):
-                support_rows.append((mode, n, seed, image_id, s, dice(fit[j, k], support_masks[j, k])))
+        scored = ((rows, eval_ids, ev_x, ev_mask), (support_rows, chosen, x, support_masks))
+        for out_rows, ids, inputs, truth in scored:  # the evaluation images, then the support set itself
+            pred = predict_masks(model, inputs, batch_size=batch_size, device=dev)
+            out_rows += [(mode, n, seed, image_id, s, dice(pred[j, k], truth[j, k]))
+                         for j, image_id in enumerate(ids) for k, s in enumerate(STRUCTURES)]
     columns = ["mode", "shots", "seed", "image", "structure", "dice"]
     scores = pd.DataFrame(rows, columns=columns)
     summary = {
