@@ -133,7 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="few-shot encoder modes (default: frozen)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (OMP_NUM_THREADS too); 1 is fastest on a busy 2-core machine")
-    p.add_argument("--device", default="auto", help="pretraining / evaluation device (auto, cpu, cuda)")
+    p.add_argument("--device", default="auto", help="pretraining device (auto, cpu, cuda)")
+    p.add_argument("--eval-device", default=None,
+                   help="evaluation device (default: --device); e.g. --device cuda --eval-device cpu "
+                        "evaluates here the runs benchmarks/device_real.py pretrained on a GPU machine")
     args = p.parse_args(argv)
     args.cache_size = args.cache_size or (64 if args.fast else 128)
     args.steps = args.steps or (4 if args.fast else 1000)
@@ -282,6 +285,35 @@ def budget_config(path: Path, args: argparse.Namespace, seed: int, cache: Path,
         run["data"]["batch_size"] = args.batch_size
     cfg = _merge(_merge(cfg, run), parse_overrides(args.overrides))
     return rewrite_curriculum(_merge(cfg, parse_overrides(extra or [])), args.steps)
+
+
+def config_path(args: argparse.Namespace, method: str) -> Path:
+    return {"adamv2": args.config_adamv2, "dino": args.config_dino}[method]
+
+
+def run_configs(args: argparse.Namespace, cache: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(method, pretraining seed): config} of every pretraining run, in run order (seed by seed, adamv2
+    then dino), checked to share one backbone, batch size and step budget."""
+    configs: dict[tuple[str, int], dict[str, Any]] = {}
+    for seed in args.pretrain_seeds:
+        for method in METHODS:
+            path = config_path(args, method)
+            extra = args.overrides_adamv2 if method == "adamv2" else None
+            cfg = budget_config(path, args, seed, cache, extra)
+            if cfg.get("method") != method:
+                raise SystemExit(f"{path} has method {cfg.get('method')!r}, expected {method!r}")
+            configs[(method, seed)] = cfg
+    first = next(iter(configs.values()))
+    for cfg in configs.values():
+        if curriculum_steps(cfg) != curriculum_steps(first):
+            raise SystemExit(f"the curricula give different budgets ({curriculum_steps(first)} vs "
+                             f"{curriculum_steps(cfg)} steps)")
+        if cfg["model"]["backbone"] != first["model"]["backbone"]:
+            raise SystemExit(f"both methods must use one backbone, got {first['model']['backbone']} and "
+                             f"{cfg['model']['backbone']}")
+        if cfg["data"]["batch_size"] != first["data"]["batch_size"]:
+            raise SystemExit("both methods must use one batch size")
+    return configs
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
@@ -489,34 +521,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _log(f"data: {data_info['cached_images']} images cached ({data_info['cached_per_source']}), "
          f"{data_info['skipped_images']} skipped")
 
-    configs = {"adamv2": args.config_adamv2, "dino": args.config_dino}
+    configs = run_configs(args, out / "cache")
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
-    arch = batch = None
-    for seed in args.pretrain_seeds:
-        budget = None
-        for method in METHODS:
-            cfg = budget_config(configs[method], args, seed, out / "cache",
-                                args.overrides_adamv2 if method == "adamv2" else None)
-            if cfg.get("method") != method:
-                raise SystemExit(f"{configs[method]} has method {cfg.get('method')!r}, expected {method!r}")
-            steps = curriculum_steps(cfg)
-            if budget is not None and steps != budget:
-                raise SystemExit(f"the curricula give different budgets ({budget} vs {steps} steps)")
-            budget = steps
-            if arch is not None and cfg["model"]["backbone"] != arch:
-                raise SystemExit(f"both methods must use one backbone, got {arch} and "
-                                 f"{cfg['model']['backbone']}")
-            if batch is not None and cfg["data"]["batch_size"] != batch:
-                raise SystemExit("both methods must use one batch size")
-            arch, batch = cfg["model"]["backbone"], cfg["data"]["batch_size"]
-            _log(f"pretrain: {method} seed {seed}, {steps} steps of batch {batch}, curriculum "
-                 f"{[(s['mode'], s['levels'], s['steps_per_level']) for s in cfg['curriculum']['stages']]}")
-            runs[method][seed] = {"config": str(configs[method]), "curriculum": cfg["curriculum"]["stages"],
-                                  **pretrain_and_export(cfg, out / "runs" / f"{method}_s{seed}",
-                                                        out / "weights" / f"{method}_s{seed}", args.reuse)}
+    for (method, seed), cfg in configs.items():
+        _log(f"pretrain: {method} seed {seed}, {curriculum_steps(cfg)} steps of batch "
+             f"{cfg['data']['batch_size']}, curriculum "
+             f"{[(s['mode'], s['levels'], s['steps_per_level']) for s in cfg['curriculum']['stages']]}")
+        runs[method][seed] = {"config": str(config_path(args, method)),
+                              "curriculum": cfg["curriculum"]["stages"],
+                              **pretrain_and_export(cfg, out / "runs" / f"{method}_s{seed}",
+                                                    out / "weights" / f"{method}_s{seed}", args.reuse)}
+    first = next(iter(configs.values()))
+    arch, batch, budget = first["model"]["backbone"], first["data"]["batch_size"], curriculum_steps(first)
     pretrain_s = time.perf_counter() - started
 
     settings = eval_settings(args)
+    eval_device = args.eval_device or args.device
     jsrt = radiographs / JSRT
     summaries, headlines, verdicts = {}, {}, {}
     t_eval = time.perf_counter()
@@ -531,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = compare(weights, jsrt, report, runs={m: runs[m][seed]["run_dir"] for m in METHODS},
                           arch=arch, seeds=args.seeds,
                           protocols=("correspondence", "fewshot-seg"), settings=settings,
-                          device=None if args.device == "auto" else args.device, log=_log)
+                          device=None if eval_device == "auto" else eval_device, log=_log)
         summaries[seed] = summary
         headlines[seed] = format_headline(summary)
         verdicts[seed] = verdict(summary)
@@ -547,7 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": stamp["start"],
         "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
-                    "device": args.device, "load_avg_at_start": list(os.getloadavg())},
+                    "device": args.device, "eval_device": eval_device,
+                    "load_avg_at_start": list(os.getloadavg())},
         "command": "benchmarks/real_recipe.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "data": data_info,
         "budget": {"steps": budget, "batch_size": batch, "arch": arch, "pretrain_seeds": args.pretrain_seeds,

@@ -1,8 +1,10 @@
-"""benchmarks/real_recipe.py: the verdict, and pooling over pretraining seeds, on hand-made summaries."""
+"""benchmarks/real_recipe.py and device_real.py: the verdict, pooling over pretraining seeds, resuming, and
+runs pretrained elsewhere."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,3 +81,42 @@ def test_an_interrupted_pretraining_continues_from_its_checkpoint_with_reuse(tmp
     # another config, or no --reuse: the run dir starts over
     restarted = recipe.pretrain_or_resume({**cfg, "seed": 1}, run, reuse=True)
     assert restarted.status == "finished" and "resumed from" not in (run / "train.log").read_text()
+
+
+def test_runs_packed_on_a_gpu_machine_unpack_into_finished_runs_the_recipe_reuses(tmp_path):
+    """device_real.py: pack a finished run (teacher matrices as float16), unpack it into an emptied
+    output folder, and the recipe's reuse check finds it finished with an equal config."""
+    import torch
+    from pretrain_fixtures import tiny_config, write_phantoms
+    from safetensors.torch import load_file
+
+    _spec = importlib.util.spec_from_file_location("device_real", SCRIPT.with_name("device_real.py"))
+    device_real = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(device_real)
+
+    out = tmp_path / "out"
+    images = write_phantoms(tmp_path / "images", n=8)
+    cfg = tiny_config(images, [{"mode": "localizability", "levels": [0], "steps_per_level": 2}])
+    run, weights = out / "runs" / "dino_s0", out / "weights" / "dino_s0"
+    recipe.pretrain_and_export(cfg, run, weights, reuse=False)
+    (out / "device_runs.json").write_text("{}\n")
+    original = load_file(weights / "model.safetensors")
+
+    files = device_real.pack(out, tmp_path / "back")
+    assert [f.name for f in files] == ["runs.tar", "weights_0.tar"]
+    for name in ("runs", "weights", "weights_fp16"):
+        shutil.rmtree(out / name)
+    assert device_real.unpack(tmp_path / "back", out) == ["dino_s0"]
+
+    restored = load_file(weights / "model.safetensors")
+    assert restored.keys() == original.keys()
+    rounded = 0
+    for key, t in original.items():
+        assert restored[key].dtype == t.dtype
+        if t.ndim > 1:  # float16 in transit: relative error at most 2^-11 per element (normal range)
+            assert torch.allclose(restored[key], t, rtol=2 ** -11, atol=6e-8)
+            rounded += not torch.equal(restored[key], t)
+        else:  # norms, biases, layer scales travel as float32
+            assert torch.equal(restored[key], t)
+    assert rounded > 0
+    assert recipe.pretrain_and_export(cfg, run, weights, reuse=True)["reused"] is True
