@@ -254,12 +254,18 @@ def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str
 
 def run_all_pretraining(jobs: list[tuple[str, int, dict[str, Any]]], out: Path,
                         args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (method, seed) run, one after another or ``--jobs`` at a time in spawned processes
-    (small models leave a GPU mostly idle, so parallel runs share it well). Same results either way:
-    each run is seeded by its config alone."""
-    dirs = [out / "runs" / f"{method}_s{seed}" for method, seed, _ in jobs]
-    if args.jobs <= 1 or len(jobs) <= 1:
-        return [run_pretraining(cfg, d, args.reuse) for (_, _, cfg), d in zip(jobs, dirs, strict=True)]
+    """Every (method, seed) run, one after another or ``--jobs`` at a time (``run_parallel``). Same
+    results either way: each run is seeded by its config alone."""
+    calls = [(cfg, out / "runs" / f"{method}_s{seed}", args.reuse) for method, seed, cfg in jobs]
+    return run_parallel(run_pretraining, calls, args.jobs, args.threads)
+
+
+def run_parallel(fn: Any, calls: list[tuple], jobs: int, threads: int) -> list[Any]:
+    """``[fn(*call) for call in calls]``, in this process when ``jobs <= 1``, else ``jobs`` at a time in
+    spawned processes of ``threads`` torch threads each (small models leave a GPU mostly idle, so
+    parallel runs share it well). ``fn`` must be importable by name in a spawned process."""
+    if jobs <= 1 or len(calls) <= 1:
+        return [fn(*call) for call in calls]
     import multiprocessing as mp
     import signal
 
@@ -268,10 +274,9 @@ def run_all_pretraining(jobs: list[tuple[str, int, dict[str, Any]]], out: Path,
 
     previous = signal.signal(signal.SIGTERM, _stop)
     try:  # Pool.__exit__ terminates the workers, also when an exception or SystemExit leaves the block
-        with mp.get_context("spawn").Pool(args.jobs, initializer=torch.set_num_threads,
-                                          initargs=(args.threads,)) as pool:
-            pending = [pool.apply_async(run_pretraining, (cfg, d, args.reuse))
-                       for (_, _, cfg), d in zip(jobs, dirs, strict=True)]
+        with mp.get_context("spawn").Pool(jobs, initializer=torch.set_num_threads,
+                                          initargs=(threads,)) as pool:
+            pending = [pool.apply_async(fn, call) for call in calls]
             return [r.get() for r in pending]
     finally:
         signal.signal(signal.SIGTERM, previous)

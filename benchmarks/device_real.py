@@ -36,8 +36,6 @@ import platform
 import sys
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import real_recipe  # noqa: E402
+from anatomy_proof import run_parallel  # noqa: E402
 
 WEIGHTS_PER_TAR = 2  # two float16 ConvNeXt-atto teachers are ~13.5 MB, under the 16 MiB per-file limit
-
-
-def _pretrain_one(cfg: dict[str, Any], run_dir: str, weights_dir: str, reuse: bool, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    return real_recipe.pretrain_and_export(cfg, Path(run_dir), Path(weights_dir), reuse)
 
 
 def pretrain_all(args: argparse.Namespace, jobs: int) -> dict[str, Any]:
@@ -62,12 +56,12 @@ def pretrain_all(args: argparse.Namespace, jobs: int) -> dict[str, Any]:
     if not (out / "cache" / "cache.json").is_file():
         raise SystemExit(f"{out / 'cache'} holds no cache: copy the one real_recipe.py made there")
     configs = real_recipe.run_configs(args, out / "cache")
+    names = [f"{method}_s{seed}" for method, seed in configs]
+    calls = [(cfg, out / "runs" / name, out / "weights" / name, args.reuse)
+             for name, cfg in zip(names, configs.values(), strict=True)]
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {f"{m}_s{s}": pool.submit(_pretrain_one, cfg, str(out / "runs" / f"{m}_s{s}"),
-                                            str(out / "weights" / f"{m}_s{s}"), args.reuse, args.threads)
-                   for (m, s), cfg in configs.items()}
-        runs = {name: f.result() for name, f in futures.items()}
+    runs = dict(zip(names, run_parallel(real_recipe.pretrain_and_export, calls, jobs, args.threads),
+                    strict=True))
     info = {"machine": {"node": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
             "jobs": jobs, "threads": args.threads, "wall_s": round(time.perf_counter() - started, 1),
