@@ -4,8 +4,9 @@
 on one machine. A lent GPU machine gets only the repository (and what a call carries), not the shared
 data, and may return only a few small files. This script splits the recipe there:
 
-1. here: ``real_recipe.py --out OUT --fast`` (or any earlier call) has made ``OUT/cache``; copy it into a
-   git-ignored folder that travels (e.g. ``.device/rr_cache``);
+1. here: an earlier ``real_recipe.py --out OUT`` call (same ``--cache-size``; it may be stopped once its
+   data step is logged) has made ``OUT/cache``; copy it into a git-ignored folder that travels (e.g.
+   ``.device/rr_cache``) and delete that copy afterwards: it is derived from the shared data;
 2. there: put the cache back at the same absolute ``OUT/cache`` (the runs' configs then equal the ones
    ``real_recipe.py`` builds here), pretrain every (method, seed) run of the recipe's settings side by side
    (``--jobs``), export the teachers, and ``--pack`` the run logs and the teachers (as float16: the transfer
