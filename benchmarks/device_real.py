@@ -36,6 +36,7 @@ import os
 import platform
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,18 +87,18 @@ def pack(out: Path, dest: Path) -> list[Path]:
                 if (run / name).is_file():
                     tar.add(run / name, f"runs/{run.name}/{name}")
     weights = sorted(p for p in (out / "weights").iterdir() if (p / "model.safetensors").is_file())
-    staging = out / "weights_fp16"
-    for k in range(0, len(weights), WEIGHTS_PER_TAR):
-        path = dest / f"weights_{k // WEIGHTS_PER_TAR}.tar"
-        with tarfile.open(path, "w") as tar:
-            for w in weights[k:k + WEIGHTS_PER_TAR]:
-                half = {n: t.half() if t.is_floating_point() and t.ndim > 1 else t
-                        for n, t in load_file(w / "model.safetensors").items()}
-                (staging / w.name).mkdir(parents=True, exist_ok=True)
-                save_file(half, staging / w.name / "model.safetensors", metadata={"format": "pt"})
-                tar.add(staging / w.name / "model.safetensors", f"weights/{w.name}/model.safetensors")
-                tar.add(w / "config.json", f"weights/{w.name}/config.json")
-        written.append(path)
+    with tempfile.TemporaryDirectory() as staging:
+        for k in range(0, len(weights), WEIGHTS_PER_TAR):
+            path = dest / f"weights_{k // WEIGHTS_PER_TAR}.tar"
+            with tarfile.open(path, "w") as tar:
+                for w in weights[k:k + WEIGHTS_PER_TAR]:
+                    half = {n: t.half() if t.is_floating_point() and t.ndim > 1 else t
+                            for n, t in load_file(w / "model.safetensors").items()}
+                    packed = Path(staging) / f"{w.name}.safetensors"
+                    save_file(half, packed, metadata={"format": "pt"})
+                    tar.add(packed, f"weights/{w.name}/model.safetensors")
+                    tar.add(w / "config.json", f"weights/{w.name}/config.json")
+            written.append(path)
     return written
 
 

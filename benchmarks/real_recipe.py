@@ -288,6 +288,7 @@ def budget_config(path: Path, args: argparse.Namespace, seed: int, cache: Path,
 
 
 def config_path(args: argparse.Namespace, method: str) -> Path:
+    """The YAML config ``--config-adamv2`` / ``--config-dino`` names for ``method``."""
     return {"adamv2": args.config_adamv2, "dino": args.config_dino}[method]
 
 

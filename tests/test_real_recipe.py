@@ -104,7 +104,7 @@ def test_runs_packed_on_a_gpu_machine_unpack_into_finished_runs_the_recipe_reuse
 
     files = device_real.pack(out, tmp_path / "back")
     assert [f.name for f in files] == ["runs.tar", "weights_0.tar"]
-    for name in ("runs", "weights", "weights_fp16"):
+    for name in ("runs", "weights"):
         shutil.rmtree(out / name)
     assert device_real.unpack(tmp_path / "back", out) == ["dino_s0"]
 
