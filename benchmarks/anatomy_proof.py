@@ -241,7 +241,7 @@ def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str
         if comparable_config(previous) == comparable_config(cfg):
             _log(f"pretrain: reusing {run_dir.name}")
             return {"run_dir": str(run_dir), "exported": str(exported), "reused": True,
-                    **_run_summary(run_dir)}
+                    **run_summary(run_dir)}
     t0 = time.perf_counter()
     result = pretrain_or_resume(cfg, run_dir, reuse)
     wall = time.perf_counter() - t0
@@ -249,7 +249,7 @@ def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str
         raise RuntimeError(f"pretraining {run_dir.name} ended {result.status} at step {result.step}")
     _log(f"pretrain: {run_dir.name} finished {result.step} steps in {wall:.0f} s")
     return {"run_dir": str(run_dir), "exported": str(exported), "reused": False, "wall_s": round(wall, 1),
-            **_run_summary(run_dir)}
+            **run_summary(run_dir)}
 
 
 def run_all_pretraining(jobs: list[tuple[str, int, dict[str, Any]]], out: Path,
@@ -291,15 +291,21 @@ def export_student(run_dir: Path, folder: Path) -> str:
     return str(folder)
 
 
-def _run_summary(run_dir: Path) -> dict[str, Any]:
-    """Steps, first / last loss and last teacher entropy from ``metrics.jsonl``."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    recs = [json.loads(x) for x in lines if x.strip()]
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """Steps, first / last loss, the last value of each loss term and the last teacher entropy, from
+    ``metrics.jsonl`` (empty when the run has logged no step)."""
+    path = run_dir / "metrics.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    recs = [r for r in recs if "step" in r]
     if not recs:
         return {}
     first, last = recs[0], recs[-1]
-    return {"steps": last["step"], "loss_first": first.get("loss"), "loss_last": last.get("loss"),
-            "teacher_entropy_last": last.get("teacher_entropy"), "img_per_s_last": last.get("img_per_s")}
+    summary = {"steps": last["step"], "loss_first": first.get("loss"), "loss_last": last.get("loss"),
+               "teacher_entropy_last": last.get("teacher_entropy"), "img_per_s_last": last.get("img_per_s")}
+    for term in ("loss_loc", "loss_comp", "loss_dec"):
+        if last.get(term) is not None:
+            summary[f"{term}_last"] = last[term]
+    return summary
 
 
 # --------------------------------------------------------------------------- evaluation

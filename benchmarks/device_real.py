@@ -17,8 +17,8 @@ data, and may return only a few small files. This script splits the recipe there
 
 Float16 rounding changes a conv or linear weight by at most 2^-11 of its value (norms, biases and layer
 scales, small and sometimes tiny, stay float32); the evaluation reads the rounded weights (stated with
-the results). Every option of ``real_recipe.py`` is accepted; ``--jobs``, ``--pack``
-and ``--unpack`` are this script's::
+the results). Every option of ``real_recipe.py`` is accepted (``--jobs`` runs that many side by side);
+``--pack`` and ``--unpack`` are this script's::
 
     # device (repo root, cache carried in .device/rr_cache):
     mkdir -p /tmp/rr && cp -r .device/rr_cache /tmp/rr/cache
@@ -47,29 +47,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import real_recipe  # noqa: E402
-from anatomy_proof import run_parallel  # noqa: E402
 
 WEIGHTS_PER_TAR = 2  # two float16 ConvNeXt-atto teachers are ~13.5 MB, under the 16 MiB per-file limit
 
 
-def pretrain_all(args: argparse.Namespace, jobs: int) -> dict[str, Any]:
-    """Every (method, seed) run of the recipe's settings, ``jobs`` at a time in their own processes."""
+def pretrain_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (method, seed) run of the recipe's settings (``real_recipe.pretrain_runs``: ``--jobs`` at a
+    time), without the recipe's data step, which needs the shared data."""
     out: Path = args.out
     if not (out / "cache" / "cache.json").is_file():
         raise SystemExit(f"{out / 'cache'} holds no cache: copy the one real_recipe.py made there")
-    configs = real_recipe.run_configs(args, out / "cache")
-    names = [f"{method}_s{seed}" for method, seed in configs]
-    calls = [(cfg, out / "runs" / name, out / "weights" / name, args.reuse)
-             for name, cfg in zip(names, configs.values(), strict=True)]
     started = time.perf_counter()
-    runs = dict(zip(names, run_parallel(real_recipe.pretrain_and_export, calls, jobs, args.threads),
-                    strict=True))
+    done = real_recipe.pretrain_runs(args, real_recipe.run_configs(args, out / "cache"))
+    runs = {f"{method}_s{seed}": info for (method, seed), info in done.items()}
     info = {"machine": {"node": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "jobs": jobs, "threads": args.threads, "wall_s": round(time.perf_counter() - started, 1),
+            "jobs": args.jobs, "threads": args.threads, "wall_s": round(time.perf_counter() - started, 1),
             "runs": runs}
     (out / "device_runs.json").write_text(json.dumps(info, indent=2) + "\n")
-    real_recipe._log(f"pretrained {len(runs)} runs in {info['wall_s']:.0f} s ({jobs} at a time)")
+    real_recipe._log(f"pretrained {len(runs)} runs in {info['wall_s']:.0f} s ({args.jobs} at a time)")
     return info
 
 
@@ -124,7 +120,6 @@ def unpack(src: Path, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--jobs", type=int, default=1, help="pretraining runs side by side")
     p.add_argument("--pack", type=Path, default=None, help="after pretraining, write the tar files here")
     p.add_argument("--unpack", type=Path, default=None,
                    help="extract tar files from this folder into --out instead of pretraining")
@@ -135,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         names = unpack(own.unpack, args.out)
         real_recipe._log(f"unpacked {', '.join(names)} into {args.out}")
         return
-    pretrain_all(args, max(1, own.jobs))
+    pretrain_all(args)
     if own.pack:
         files = pack(args.out, own.pack)
         sizes = ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files)

@@ -69,6 +69,8 @@ from anatomy_proof import (  # noqa: E402
     curriculum_steps,
     pretrain_or_resume,
     rewrite_curriculum,
+    run_parallel,
+    run_summary,
 )
 
 CONFIGS = REPO / "configs" / "pretrain"
@@ -132,7 +134,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=None,
                    help="few-shot encoder modes (default: frozen)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (OMP_NUM_THREADS too); 1 is fastest on a busy 2-core machine")
+                   help="torch CPU threads (OMP_NUM_THREADS too) per pretraining process; the evaluation "
+                        "uses --jobs x --threads")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="pretraining runs side by side, each in its own process (2 on a 2-core machine with "
+                        "--threads 1: a seed's adamv2 and dino runs at once)")
     p.add_argument("--device", default="auto", help="pretraining device (auto, cpu, cuda)")
     p.add_argument("--eval-device", default=None,
                    help="evaluation device (default: --device); e.g. --device cuda --eval-device cpu "
@@ -143,6 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds or ([0] if args.fast else [0, 1, 2])
     if args.steps < 1 or args.cache_size < 32:
         p.error("--steps must be >= 1 and --cache-size >= 32")
+    if args.jobs < 1 or args.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
     out = args.out.expanduser().resolve()
     if out == REPO or REPO in out.parents:
         p.error(f"--out must lie outside the repository ({REPO}): the recipe links or copies real data there")
@@ -317,22 +325,6 @@ def run_configs(args: argparse.Namespace, cache: Path) -> dict[tuple[str, int], 
     return configs
 
 
-def _run_summary(run_dir: Path) -> dict[str, Any]:
-    """Steps, first / last loss terms and last teacher entropy from ``metrics.jsonl``."""
-    path = run_dir / "metrics.jsonl"
-    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    recs = [r for r in recs if "step" in r]
-    if not recs:
-        return {}
-    first, last = recs[0], recs[-1]
-    summary = {"steps": last["step"], "loss_first": first.get("loss"), "loss_last": last.get("loss"),
-               "teacher_entropy_last": last.get("teacher_entropy"), "img_per_s_last": last.get("img_per_s")}
-    for term in ("loss_loc", "loss_comp", "loss_dec"):
-        if last.get(term) is not None:
-            summary[f"{term}_last"] = last[term]
-    return summary
-
-
 def pretrain_and_export(cfg: dict[str, Any], run_dir: Path, weights_dir: Path, reuse: bool) -> dict[str, Any]:
     """Pretrain (or reuse a finished run with the same config; with ``reuse`` an interrupted one continues
     from its last checkpoint), then export its teacher to ``weights_dir``."""
@@ -343,7 +335,7 @@ def pretrain_and_export(cfg: dict[str, Any], run_dir: Path, weights_dir: Path, r
     if (reuse and weights_dir.is_dir() and previous.is_file()
             and comparable_config(yaml.safe_load(previous.read_text())) == comparable_config(cfg)):
         _log(f"pretrain: reusing {run_dir.name}")
-        return {**info, "reused": True, **_run_summary(run_dir)}
+        return {**info, "reused": True, **run_summary(run_dir)}
     t0 = time.perf_counter()
     result = pretrain_or_resume(cfg, run_dir, reuse)
     wall = time.perf_counter() - t0
@@ -354,7 +346,17 @@ def pretrain_and_export(cfg: dict[str, Any], run_dir: Path, weights_dir: Path, r
     export(run_dir, weights_dir, which="teacher")
     _log(f"pretrain: {run_dir.name} finished {result.step} steps in {wall:.0f} s "
          f"({wall / max(result.step, 1):.2f} s/step); teacher exported to {weights_dir}")
-    return {**info, "reused": False, "wall_s": round(wall, 1), **_run_summary(run_dir)}
+    return {**info, "reused": False, "wall_s": round(wall, 1), **run_summary(run_dir)}
+
+
+def pretrain_runs(args: argparse.Namespace,
+                  configs: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every run of ``configs`` (from ``run_configs``) under ``--out``, one after another or ``--jobs`` at a
+    time in their own processes; each is seeded by its config alone, so the results do not depend on it."""
+    out: Path = args.out
+    calls = [(cfg, out / "runs" / f"{method}_s{seed}", out / "weights" / f"{method}_s{seed}", args.reuse)
+             for (method, seed), cfg in configs.items()]
+    return dict(zip(configs, run_parallel(pretrain_and_export, calls, args.jobs, args.threads), strict=True))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -523,18 +525,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          f"{data_info['skipped_images']} skipped")
 
     configs = run_configs(args, out / "cache")
-    runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
     for (method, seed), cfg in configs.items():
         _log(f"pretrain: {method} seed {seed}, {curriculum_steps(cfg)} steps of batch "
              f"{cfg['data']['batch_size']}, curriculum "
              f"{[(s['mode'], s['levels'], s['steps_per_level']) for s in cfg['curriculum']['stages']]}")
+    done = pretrain_runs(args, configs)
+    runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
+    for (method, seed), cfg in configs.items():
         runs[method][seed] = {"config": str(config_path(args, method)),
-                              "curriculum": cfg["curriculum"]["stages"],
-                              **pretrain_and_export(cfg, out / "runs" / f"{method}_s{seed}",
-                                                    out / "weights" / f"{method}_s{seed}", args.reuse)}
+                              "curriculum": cfg["curriculum"]["stages"], **done[(method, seed)]}
     first = next(iter(configs.values()))
     arch, batch, budget = first["model"]["backbone"], first["data"]["batch_size"], curriculum_steps(first)
     pretrain_s = time.perf_counter() - started
+    torch.set_num_threads(args.jobs * args.threads)  # the pretraining processes have ended
 
     settings = eval_settings(args)
     eval_device = args.eval_device or args.device
@@ -568,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": stamp["start"],
         "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
-                    "device": args.device, "eval_device": eval_device,
+                    "jobs": args.jobs, "device": args.device, "eval_device": eval_device,
                     "load_avg_at_start": list(os.getloadavg())},
         "command": "benchmarks/real_recipe.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "data": data_info,

@@ -83,6 +83,27 @@ def test_an_interrupted_pretraining_continues_from_its_checkpoint_with_reuse(tmp
     assert restarted.status == "finished" and "resumed from" not in (run / "train.log").read_text()
 
 
+def test_runs_pretrained_side_by_side_equal_the_runs_pretrained_one_after_another(tmp_path):
+    """--jobs 2 pretrains in two spawned processes; each run is seeded by its config alone."""
+    import argparse
+
+    from pretrain_fixtures import tiny_config, write_phantoms
+    from safetensors.torch import load_file
+
+    images = write_phantoms(tmp_path / "images", n=8)
+    stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 2}]
+    configs = {("dino", seed): {**tiny_config(images, stages), "seed": seed} for seed in (0, 1)}
+    weights = {}
+    for jobs in (1, 2):
+        args = argparse.Namespace(out=tmp_path / f"jobs{jobs}", reuse=False, jobs=jobs, threads=1)
+        done = recipe.pretrain_runs(args, configs)
+        assert list(done) == list(configs) and not any(info["reused"] for info in done.values())
+        weights[jobs] = [load_file(Path(done[key]["weights"]) / "model.safetensors") for key in configs]
+    for one, two in zip(weights[1], weights[2], strict=True):
+        assert one.keys() == two.keys() and all((one[k] == two[k]).all() for k in one)
+    assert any((weights[1][0][k] != weights[1][1][k]).any() for k in weights[1][0])  # the seeds differ
+
+
 def test_runs_packed_on_a_gpu_machine_unpack_into_finished_runs_the_recipe_reuses(tmp_path):
     """device_real.py: pack a finished run (teacher matrices as float16), unpack it into an emptied
     output folder, and the recipe's reuse check finds it finished with an equal config."""
