@@ -26,13 +26,14 @@ the repository):
    (``report/pretrain_s<seed>/``).
 5. ``results.json`` / ``results.md``: timings, data counts, the headline table(s).
 
-Budget (measured on the shared 2-core VM at load average ~3, one torch thread): index + 128 px cache
-of the 372 images ~10 s; 64 / 32 px views cost ~0.9 s per adamv2 step and ~0.45 s per dino step
-(96 / 48 px: ~1.9 and ~0.8 s), so the default 1000 steps per method take ~22 minutes; the JSRT
-evaluation per model and seed ~25 s (correspondence) + ~85 s (few-shot, 240 decoder steps) with two
-threads on an idle machine, ~45 + ~160 s with one thread on a busy one (3 x 3 runs: ~16 / ~31 minutes).
-About 30 minutes in all with ``--threads 2`` on an idle machine, under 60 with one thread on a busy one;
-``--fast`` is a smoke test of under a minute::
+Budget: 2000 optimizer steps of batch 32 per method (~170 epochs of the 372 images). At 1000 steps adamv2
+and dino were level on few-shot Dice; at 2000 adamv2 beats dino on both metrics by more than the spread over
+3 pretraining seeds (benchmarks/RESULTS.md, "Pretraining budget"). Measured on the shared 2-core VM:
+index + 128 px cache ~10 s; with the default ``--jobs 2 --threads 1`` a seed's two runs pretrain side by
+side (adamv2 ~0.96 s per step, dino ~0.44 s: ~32 minutes for the pair); the JSRT evaluation then runs with
+2 threads, ~25 s (correspondence) + ~100 s (few-shot, 240 decoder steps) per model and evaluation seed
+(3 models x 3 seeds: ~19 minutes). About 50 minutes in all for one pretraining seed on an idle machine;
+``--fast`` is a smoke test of about a minute::
 
     .venv/bin/python benchmarks/real_recipe.py --out /tmp/real_recipe
     .venv/bin/python benchmarks/real_recipe.py --out /tmp/real_recipe_fast --fast
@@ -115,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--config-dino", type=Path, default=CONFIGS / "cpu_real_dino.yaml")
     g.add_argument("--cache-size", type=int, default=None, help="cached image side (default 128; fast 64)")
     g.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per method, the shared budget (default 1000; fast 4)")
+                   help="optimizer steps per method, the shared budget (default 2000; fast 4)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (default: the config's)")
     g.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0],
                    help="pretraining seeds (each one pretrains both methods and gets its own comparison)")
@@ -136,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (OMP_NUM_THREADS too) per pretraining process; the evaluation "
                         "uses --jobs x --threads")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int, default=2,
                    help="pretraining runs side by side, each in its own process (2 on a 2-core machine with "
                         "--threads 1: a seed's adamv2 and dino runs at once)")
     p.add_argument("--device", default="auto", help="pretraining device (auto, cpu, cuda)")
@@ -145,7 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "evaluates here the runs benchmarks/device_real.py pretrained on a GPU machine")
     args = p.parse_args(argv)
     args.cache_size = args.cache_size or (64 if args.fast else 128)
-    args.steps = args.steps or (4 if args.fast else 1000)
+    args.steps = args.steps or (4 if args.fast else 2000)
     args.seeds = args.seeds or ([0] if args.fast else [0, 1, 2])
     if args.steps < 1 or args.cache_size < 32:
         p.error("--steps must be >= 1 and --cache-size >= 32")
@@ -526,9 +527,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     configs = run_configs(args, out / "cache")
     for (method, seed), cfg in configs.items():
+        plan = [(s["mode"], s["levels"], s["steps_per_level"]) for s in cfg["curriculum"]["stages"]]
+        # method dino collapses the curriculum into one stage (holons.ssl.config.plan_segments)
+        stages = "one level-0 localizability stage" if method == "dino" else f"curriculum {plan}"
         _log(f"pretrain: {method} seed {seed}, {curriculum_steps(cfg)} steps of batch "
-             f"{cfg['data']['batch_size']}, curriculum "
-             f"{[(s['mode'], s['levels'], s['steps_per_level']) for s in cfg['curriculum']['stages']]}")
+             f"{cfg['data']['batch_size']}, {stages}")
     done = pretrain_runs(args, configs)
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in METHODS}
     for (method, seed), cfg in configs.items():
