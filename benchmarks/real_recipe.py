@@ -32,7 +32,7 @@ and dino were level on few-shot Dice; at 2000 adamv2 beats dino on both metrics 
 index + 128 px cache ~10 s; with the default ``--jobs 2 --threads 1`` a seed's two runs pretrain side by
 side (adamv2 ~0.96 s per step, dino ~0.44 s: ~32 minutes for the pair); the JSRT evaluation then runs with
 2 threads, ~25 s (correspondence) + ~100 s (few-shot, 240 decoder steps) per model and evaluation seed
-(3 models x 3 seeds: ~19 minutes). About 50 minutes in all for one pretraining seed on an idle machine;
+(3 models x 3 seeds: ~19 minutes). One pretraining seed took 46 minutes in all (a busy machine);
 ``--fast`` is a smoke test of about a minute::
 
     .venv/bin/python benchmarks/real_recipe.py --out /tmp/real_recipe
