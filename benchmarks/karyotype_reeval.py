@@ -26,6 +26,7 @@ from holons.eval.results import format_table, json_safe
 from holons.files import atomic_write
 from holons.finetune.karyotype.data import KaryotypeDataset, load_table
 from holons.finetune.karyotype.evaluate import evaluate_split
+from holons.finetune.karyotype.preprocess import Preprocessing
 from holons.finetune.karyotype.train import load_model, resolve_device
 
 KEYS = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", "case_accuracy_greedy",
@@ -43,7 +44,8 @@ def load_run_test(run: Path, manifest: Path, device: torch.device):
     table = table[table["path"].isin(test_paths) & (table["label"] >= 0)].reset_index(drop=True)
     if len(table) != len(test_paths):
         raise HolonsError(f"{manifest} holds {len(table)} of the run's {len(test_paths)} test rows")
-    test = KaryotypeDataset(table, stain=meta["stain"], canvas=meta["canvas"], size=meta["source_size"])
+    test = KaryotypeDataset(table, preprocessing=Preprocessing.from_json(meta["preprocessing"]),
+                            size=meta["source_size"])
     return model, meta, test
 
 

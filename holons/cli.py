@@ -88,13 +88,30 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--size", type=int, default=256, help="image side in pixels")
     r.set_defaults(func=_cmd_synth_radiographs)
-    k = ss.add_parser("karyotypes", help="single-chromosome images of synthetic cells (G-band style)")
+    # the names of karyotypes.LAB_STYLES, kept here so that --help imports no numpy (a test compares)
+    styles = {
+        "gband": "G-band, dark on white, tight crop (pki-3 like; the default)",
+        "qband": "Q-band, bright on black, tight crop (the same as --stain qband)",
+        "rband": "R-band: dark on white, band darkness reversed from G",
+        "padded": "G-band centred in fixed 200x100 (h x w) white frames",
+        "qband_padded_dim": "Q-band in fixed 200x100 black frames, dim (max ~110/255), camera noise",
+        "magnified": "G-band tight crop at 1.6x the magnification",
+        "jpeg": "G-band in 242x242 white frames, stored as JPEG quality 75 (.jpg)",
+    }
+    k = ss.add_parser("karyotypes", help="single-chromosome images of synthetic cells (G-band style)",
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="lab styles (--style NAME):\n" + "\n".join(
+                          f"  {name:<18}{text}" for name, text in styles.items()))
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--cases", type=int, default=20, help="number of cells")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--abnormal-rate", type=float, default=0.1, help="fraction of abnormal cells")
     k.add_argument("--flip-rate", type=float, default=0.5, help="fraction flipped to polarity 0")
-    k.add_argument("--stain", choices=["gband", "qband"], default="gband")
+    k.add_argument("--stain", choices=["gband", "qband"], default=None,
+                   help="gband (default) or qband; the same as --style gband / qband")
+    k.add_argument("--style", choices=list(styles), default=None, metavar="NAME",
+                   help="how another lab's images look: " + ", ".join(styles) + " (default: gband; "
+                   "described below)")
     k.set_defaults(func=_cmd_synth_karyotypes)
 
 
@@ -112,7 +129,7 @@ def _cmd_synth_karyotypes(args: argparse.Namespace) -> int:
 
     manifest = generate_karyotypes(
         args.out, cases=args.cases, seed=args.seed, abnormal_rate=args.abnormal_rate,
-        flip_rate=args.flip_rate, stain=args.stain,
+        flip_rate=args.flip_rate, stain=args.stain, style=args.style,
     )
     print(f"wrote {args.cases} cells; manifest: {manifest}")
     return 0
@@ -413,8 +430,11 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data", type=Path, required=True,
                    help="manifest CSV or folder of images (one folder per case)")
     r.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and cases/*.json")
-    r.add_argument("--dispatch", choices=["none", "greedy", "optimal"], default="optimal")
-    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--dispatch", choices=["none", "greedy", "optimal"], default="optimal",
+                   help="per-case consistency rule for dispatched_class_1to24: optimal assignment to the "
+                        "46 slots (default), the paper's greedy rule, or none (each chromosome's top type)")
+    r.add_argument("--batch-size", type=int, default=256,
+                   help="chromosomes per forward pass (memory only; the predictions do not depend on it)")
     r.set_defaults(func=_cmd_karyotype_predict)
     g = ks.add_parser("karyogram", help="draw one case's karyogram from predictions")
     g.add_argument("--predictions", type=Path, required=True, help="folder written by `karyotype predict`")
@@ -451,6 +471,12 @@ def _cmd_karyotype_predict(args: argparse.Namespace) -> int:
     print(f"predicted {summary['chromosomes']} chromosomes in {summary['cases']} cases "
           f"({summary['skipped']} unreadable, {summary['cases_with_warnings']} cases with warnings); "
           f"wrote {args.out / 'predictions.csv'}")
+    if "metrics" in summary:
+        m = summary["metrics"]
+        print(f"labelled manifest: type accuracy {m['type_accuracy']:.4f}, dispatched "
+              f"{m[f'type_accuracy_{args.dispatch}']:.4f}, "
+              f"per case {m[f'case_accuracy_{args.dispatch}']:.4f} "
+              f"(all metrics in {args.out / 'metrics.json'})")
     return 0
 
 

@@ -19,14 +19,9 @@ from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
     KaryotypeDataset,
     assign_splits,
-    choose_canvas,
-    chromosome_array,
     flip_vertical,
-    foreground_crop,
     group_kfold,
     group_split,
-    normalise_stain,
-    place_on_canvas,
     random_affine,
     random_flips,
     read_karyotype_manifest,
@@ -38,6 +33,7 @@ from holons.finetune.karyotype.dispatch import (
     infer_sex,
     optimal_dispatch,
 )
+from holons.finetune.karyotype.inference import predict_dataset
 from holons.finetune.karyotype.karyogram import KARYOGRAM_ROWS, draw_karyogram
 from holons.finetune.karyotype.model import (
     CENTRE_RANGE,
@@ -47,7 +43,8 @@ from holons.finetune.karyotype.model import (
     box_targets,
     varifocal_zoom,
 )
-from holons.finetune.karyotype.train import final_head, predict_dataset, schedule
+from holons.finetune.karyotype.preprocess import Preprocessing, chromosome_crop, network_input
+from holons.finetune.karyotype.train import final_head, schedule
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
 REEVAL = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_reeval.py"
@@ -220,8 +217,8 @@ def test_polarity_flip_consistency():
     a = render_chromosome(np.random.default_rng(3), 7, polarity=1)
     b = render_chromosome(np.random.default_rng(3), 7, polarity=0)
     assert np.array_equal(a[::-1], b)
-    ta, _ = chromosome_array(a / 255.0, stain="gband", canvas=128, size=32)
-    tb, _ = chromosome_array(b / 255.0, stain="gband", canvas=128, size=32)
+    ta, _ = network_input(chromosome_crop(a / 255.0, "gband"), 128, 32)
+    tb, _ = network_input(chromosome_crop(b / 255.0, "gband"), 128, 32)
     assert np.allclose(ta[::-1], tb, atol=1e-5) or np.allclose(np.roll(ta[::-1], 1, 0), tb, atol=1e-5)
 
 
@@ -251,39 +248,6 @@ def test_random_affine_jitter_keeps_the_chromosome_and_its_polarity():
     assert abs(y - 20) <= 10 and abs(x - 20) <= 10 and (y, x) != (20, 20)
 
 
-def test_stains_share_one_foreground_convention():
-    g = render_chromosome(np.random.default_rng(5), 1, stain="gband") / 255.0
-    q = render_chromosome(np.random.default_rng(5), 1, stain="qband") / 255.0
-    ng, nq = normalise_stain(g, "gband"), normalise_stain(q, "qband")
-    assert ng[0, 0] == 0.0 and nq[0, 0] == 0.0 and ng.max() > 0.5
-    assert np.abs(ng - nq).max() < 0.02
-    assert np.allclose(normalise_stain(g, "auto"), ng) and np.allclose(normalise_stain(q, "auto"), nq)
-    # a JPEG-like near-white background lands on 0 as well
-    assert normalise_stain(np.clip(g * 0.96 + 0.03, 0, 1), "gband")[0, 0] == 0.0
-
-
-def test_canvas_pads_without_stretching():
-    assert choose_canvas([61, 163], [21, 98]) == 168
-    x = np.zeros((40, 10), np.float32) + 1.0
-    placed, shrunk = place_on_canvas(x, 48)
-    assert not shrunk and placed.shape == (48, 48) and placed.sum() == 400.0
-    rows, cols = np.flatnonzero(placed.any(1)), np.flatnonzero(placed.any(0))
-    assert (len(rows), len(cols)) == (40, 10)
-    big, shrunk = place_on_canvas(np.ones((96, 24), np.float32), 48)
-    assert shrunk and np.flatnonzero(big.max(1) > 0.5).size == 48
-    assert np.flatnonzero(big.max(0) > 0.5).size == 12
-
-
-def test_chromosome_is_centred_by_its_foreground_not_its_file():
-    g = render_chromosome(np.random.default_rng(2), 4, stain="gband") / 255.0
-    padded = np.ones((g.shape[0] + 30, g.shape[1] + 17))  # white margins on two sides only
-    padded[25:25 + g.shape[0], 3:3 + g.shape[1]] = g
-    tight, _ = chromosome_array(g, stain="gband", canvas=128, size=64)
-    loose, _ = chromosome_array(padded, stain="gband", canvas=128, size=64)
-    assert np.allclose(tight, loose, atol=1e-6)
-    assert foreground_crop(np.zeros((5, 7))).shape == (5, 7)  # nothing above the threshold: kept whole
-
-
 def test_group_splits_are_disjoint_and_seeded():
     groups = [f"s{i // 3}" for i in range(300)]  # 100 slides, 3 chromosomes each
     split = group_split(groups, test_fraction=0.2, val_fraction=0.1, seed=1)
@@ -308,7 +272,7 @@ def test_manifest_layouts(tmp_path, shared_data):
     karyo, _ = read_karyotype_manifest(shared_data / "chromosomes/karyonet_sample/manifest.csv",
                                        default_polarity=-1)
     sub = karyo[karyo["path"].str.contains("Gband")].head(6)
-    ds = KaryotypeDataset(sub, stain="gband", canvas=256, size=32)
+    ds = KaryotypeDataset(sub, preprocessing=Preprocessing(stain="auto", canvas=256), size=32)
     assert len(ds) == 6 and ds.images[:, :, 0, 0].max() < 10  # white JPEG background -> ~0
     assert (ds.polarity == -1).all()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,14 @@ from scipy.stats import spearmanr
 from holons.cli import main
 from holons.data.synthetic.karyotypes import (
     CHROMOSOME_TABLE,
+    LAB_STYLES,
     MANIFEST_COLUMNS,
+    LabStyle,
     generate_karyotypes,
     render_cell,
     render_chromosome,
 )
+from holons.errors import HolonsError
 
 PKI3_COLUMNS = ["path", "case_id", "slide_id", "cell_no", "class_1to24", "label_0to23", "class_name", "copy",
                 "height", "width", "mode"]
@@ -211,3 +216,154 @@ def test_columns_match_the_real_pki3_manifest(shared_data: Path):
     with manifest.open() as f:
         header = next(csv.reader(f))
     assert header == PKI3_COLUMNS
+
+
+# --------------------------------------------------------------------------- lab styles
+_FEW = [1 if k in (1, 7, 21) else 0 for k in range(1, 25)]  # classes 1, 7 and 21, one copy each
+
+
+def _pixel_digest(cell) -> str:
+    h = hashlib.sha256()
+    for k, copy, polarity, img in cell:
+        h.update(np.array([k, copy, polarity, *img.shape], np.int64).tobytes())
+        h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def test_default_style_renders_what_the_generator_wrote_before_styles(tmp_path: Path):
+    # digests computed with the generator as it was before lab styles were added
+    before = {"gband": "4794f1deb48fa9d8783f43d09d3947b3846a4abbef507b28b39e9be9bb048b14",
+              "qband": "e0ab172f4405e1c7da37799e7147d8c28c3f2901667f52f80d08f07009229c39"}
+    for stain, digest in before.items():
+        old_call = render_cell(np.random.default_rng(21), _FEW, stain=stain)
+        assert _pixel_digest(old_call) == digest
+        assert _pixel_digest(render_cell(np.random.default_rng(21), _FEW, style=stain)) == digest
+    manifest = generate_karyotypes(tmp_path / "k", cases=1, seed=11, workers=1, progress=False)
+    h = hashlib.sha256(manifest.read_bytes())
+    for row in csv.DictReader(manifest.open()):
+        h.update(np.asarray(Image.open(tmp_path / "k" / row["path"])).tobytes())
+    assert h.hexdigest() == "e71da2539edc49d82dff24a1354a823bcfbf17cfc55a996d4a4401e303c3cab7"
+    assert json.loads((tmp_path / "k" / "style.json").read_text())["style"] == "gband"
+
+
+@pytest.mark.parametrize("name", list(LAB_STYLES))
+def test_each_style_writes_its_documented_files(tmp_path: Path, name: str):
+    style = LAB_STYLES[name]
+    manifest = generate_karyotypes(tmp_path, cases=1, seed=5, workers=1, progress=False, style=name)
+    m = pd.read_csv(manifest)
+    assert list(m.columns) == list(MANIFEST_COLUMNS) and len(m) == 46
+    recorded = json.loads((tmp_path / "style.json").read_text())
+    assert recorded["style"] == name and recorded["stain"] == style.stain
+    assert recorded["frame"] == (list(style.frame) if style.frame else None)
+    suffix = ".jpg" if name == "jpeg" else ".png"
+    borders = []
+    for row in m.itertuples():
+        assert row.path.endswith(suffix)
+        img = np.asarray(Image.open(tmp_path / row.path))
+        assert img.dtype == np.uint8 and img.shape == (row.height, row.width)
+        borders.append(np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])))
+    if name in ("padded", "qband_padded_dim"):
+        assert (m["height"] == 200).all() and (m["width"] == 100).all()
+    elif name == "jpeg":
+        assert (m["height"] == 242).all() and (m["width"] == 242).all()
+    else:
+        assert m["height"].nunique() > 5  # tight crops
+    if style.stain == "qband":
+        assert np.median(borders) < 20  # bright on dark
+    else:
+        assert np.median(borders) > 235  # dark on light
+
+
+def test_padded_frames_hold_the_tight_crop_unflipped():
+    tight = render_cell(np.random.default_rng(8), _FEW, style="gband")
+    padded = render_cell(np.random.default_rng(8), _FEW, style="padded")
+    for (k, c, pol, crop), (k2, c2, pol2, frame) in zip(tight, padded, strict=True):
+        assert (k, c, pol) == (k2, c2, pol2) and frame.shape == (200, 100)
+        rows, cols = np.flatnonzero((frame < 255).any(1)), np.flatnonzero((frame < 255).any(0))
+        y0, x0 = rows[0] - 1, cols[0] - 1  # the tight crop keeps a 1 px background border
+        assert np.array_equal(frame[y0: y0 + crop.shape[0], x0: x0 + crop.shape[1]], crop)
+        assert abs(y0 - (200 - crop.shape[0]) // 2) <= 3 and abs(x0 - (100 - crop.shape[1]) // 2) <= 3
+
+
+def test_a_chromosome_larger_than_the_frame_is_shrunk_to_fit():
+    small = LabStyle(frame=(40, 30), frame_jitter=2)
+    [(_, _, _, img)] = render_cell(np.random.default_rng(0), [1] + [0] * 23, style=small)
+    assert img.shape == (40, 30)
+    rows = np.flatnonzero((img < 245).any(1))
+    assert 25 <= rows[-1] - rows[0] + 1 <= 36  # chromosome 1 is ~110 px long unframed
+
+
+def test_dim_qband_style_is_dim_and_noisy():
+    cell = render_cell(np.random.default_rng(3), _FEW, style="qband_padded_dim")
+    for _k, _c, _p, img in cell:
+        assert img.shape == (200, 100) and 80 <= img.max() <= 140
+        border = np.concatenate([img[:5].ravel(), img[-5:].ravel()])
+        assert np.median(border) < 15 and (border > 0).mean() > 0.5 and border.std() > 1.0
+
+
+def test_magnified_chromosomes_are_about_1_6_times_longer():
+    def median_length(style: str) -> float:
+        return float(np.median([_axis_length(c[3]) for c in render_cell(np.random.default_rng(4), [1] * 24,
+                                                                          style=style)]))
+
+    assert 1.45 < median_length("magnified") / median_length("gband") < 1.75
+
+
+def test_rband_reverses_the_gband_pattern():
+    def profile(img: np.ndarray) -> np.ndarray:  # mean darkness per row, telomere caps left out
+        fg = _foreground(img)
+        rows = np.flatnonzero(fg.any(1))
+        p = np.nanmean(np.where(fg, 255.0 - img, np.nan)[rows[0]: rows[-1] + 1], axis=1)
+        return np.interp(np.linspace(0.12, 0.88, 48), np.linspace(0, 1, len(p)), p)
+
+    g = render_cell(np.random.default_rng(0), [1] * 24, style="gband")
+    r = render_cell(np.random.default_rng(0), [1] * 24, style="rband")
+    corr = [np.corrcoef(profile(a[3]), profile(b[3]))[0, 1] for a, b in zip(g, r, strict=True)]
+    assert np.median(corr) < -0.4
+    assert all(np.median(b[3][[0, -1]]) == 255 for b in r)  # still dark on white
+
+
+def test_jpeg_style_background_is_near_but_not_exactly_white(tmp_path: Path):
+    manifest = generate_karyotypes(tmp_path, cases=1, seed=2, workers=1, progress=False, style="jpeg")
+    row = pd.read_csv(manifest).iloc[0]
+    img = np.asarray(Image.open(tmp_path / row["path"])).astype(int)
+    rows, cols = np.flatnonzero((img < 200).any(1)), np.flatnonzero((img < 200).any(0))
+    ring = img[rows[0] - 6: rows[-1] + 7, cols[0] - 6: cols[-1] + 7]
+    outside = np.ones(ring.shape, bool)
+    outside[4:-4, 4:-4] = False  # a few px outside the chromosome's box
+    assert np.median(img[0]) == 255 and (ring[outside] < 255).any() and ring[outside].min() > 200
+
+
+def test_unknown_style_and_conflicting_stain_are_clear_errors(tmp_path: Path):
+    with pytest.raises(HolonsError, match="unknown style 'nope'.*gband"):
+        generate_karyotypes(tmp_path, cases=1, style="nope")
+    with pytest.raises(HolonsError, match="unknown style"):
+        render_cell(np.random.default_rng(0), _FEW, style="nope")
+    with pytest.raises(HolonsError, match="conflicts"):
+        generate_karyotypes(tmp_path, cases=1, stain="qband", style="padded")
+    with pytest.raises(HolonsError, match="jpeg_quality"):
+        LabStyle(jpeg_quality=0)
+    # a stain that agrees with the style is accepted; a LabStyle object is recorded as custom
+    generate_karyotypes(tmp_path / "c", cases=1, stain="qband", workers=1, progress=False,
+                        style=LabStyle(stain="qband", magnification=0.5))
+    assert json.loads((tmp_path / "c" / "style.json").read_text())["style"] == "custom"
+
+
+def test_cli_style_option(tmp_path: Path, capsys):
+    out = tmp_path / "cli"
+    assert main(["synth", "karyotypes", "--out", str(out), "--cases", "1", "--style", "jpeg"]) == 0
+    m = pd.read_csv(out / "manifest.csv")
+    assert m["path"].str.endswith(".jpg").all() and (out / m["path"].iloc[0]).is_file()
+    assert json.loads((out / "style.json").read_text())["jpeg_quality"] == 75
+    capsys.readouterr()
+    assert main(["synth", "karyotypes", "--out", str(out), "--cases", "1", "--stain", "qband",
+                 "--style", "padded"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "conflicts" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["synth", "karyotypes", "--out", str(out), "--style", "nope"])
+    with pytest.raises(SystemExit):
+        main(["synth", "karyotypes", "--help"])
+    help_text = capsys.readouterr().out
+    for name, style in LAB_STYLES.items():  # the CLI's own list stays in step with LAB_STYLES
+        assert f"  {name:<18}{style.summary}" in help_text

@@ -8,18 +8,23 @@ Rendering is vectorised: a chromosome is drawn in a straight (axis, across) fram
 chromatid tubes joined at the centromere and modulated by the band profile; one
 ``map_coordinates`` call then bends (constant curvature plus a small S-shaped sway) and rotates
 it. Blur and noise follow, and the image is cropped tight like the real crops.
+
+Lab styles (:class:`LabStyle`, :data:`LAB_STYLES`) reproduce how other labs' images look: the
+stain and band convention (G, Q, R), magnification, fixed-size padded frames, exposure, camera
+noise and JPEG storage. The labels and their meaning (polarity 1 = p arm up) do not change.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +166,7 @@ def render_chromosome(
     blur: float | None = None,
     contrast: float | None = None,
     noise: float = 0.03,
+    band_inversion: bool = False,
 ) -> np.ndarray:
     """One chromosome as a tightly cropped uint8 image.
 
@@ -168,7 +174,8 @@ def render_chromosome(
     upright (p arm up, q arm down); polarity 0 is the vertical flip. G-band: dark bands on a light
     chromosome, background exactly 255; Q-band: bright on black, background 0. ``bend`` (total
     bend angle in radians), ``rotation_deg``, ``blur`` (Gaussian sigma, px) and ``contrast`` are
-    drawn from ``rng`` when None.
+    drawn from ``rng`` when None. ``band_inversion`` maps every band's darkness d to 1 - d (R-bands:
+    the reverse of G-bands); it draws nothing extra, so the shape is that of the uninverted render.
     """
     if not 1 <= class_1to24 <= 24:
         raise ValueError(f"class_1to24 must be in 1..24, got {class_1to24}")
@@ -182,7 +189,7 @@ def render_chromosome(
     length = scale * row.relative_length * math.exp(0.1 * (2 * u[0] - 1))  # homologues differ a little
     r0 = 0.35 * scale * (row.relative_length / 5.0) ** 0.12 * (0.92 + 0.16 * u[1])
     centro = length * (row.centromere_index + 0.02 * (u[2] - 0.5))
-    straight = _straight_density(rng, row, length, r0, centro)
+    straight = _straight_density(rng, row, length, r0, centro, band_inversion)
 
     if bend is None:
         bend = min(max(float(rng.normal(0.0, 0.45)), -1.5), 1.5)
@@ -218,7 +225,7 @@ def render_chromosome(
 
 
 def _straight_density(rng: np.random.Generator, row: ChromosomeClass, length: float, r0: float,
-                      centro: float) -> np.ndarray:
+                      centro: float, band_inversion: bool = False) -> np.ndarray:
     """Stain density (0 = none) on a straight grid: axis rows (p telomere first) x across columns."""
     m = _MARGIN
     s = np.arange(int(np.ceil(length)) + 2 * m, dtype=np.float32)[:, None] - m + 0.5
@@ -236,7 +243,7 @@ def _straight_density(rng: np.random.Generator, row: ChromosomeClass, length: fl
     tube_b = 1.0 - ((t + offset) / r) ** 2 - ds2
     shape = np.clip(np.maximum(tube_a, tube_b, out=tube_a), 0.0, 1.0, out=tube_a) ** np.float32(0.3)
 
-    band = _band_profile(rng, row, s[:, 0] / length)
+    band = _band_profile(rng, row, s[:, 0] / length, band_inversion)
     light = 0.40 + 0.12 * rng.random()
     stain = light + (1.0 - light) * band
     coarse = np.float32(0.14) * rng.standard_normal((s.shape[0] // 3 + 2, t.shape[1] // 3 + 2), np.float32)
@@ -244,14 +251,18 @@ def _straight_density(rng: np.random.Generator, row: ChromosomeClass, length: fl
     return (shape * (stain[:, None] * (1.0 + texture))).astype(np.float32)
 
 
-def _band_profile(rng: np.random.Generator, row: ChromosomeClass, u: np.ndarray) -> np.ndarray:
-    """The class band pattern sampled at axis fractions ``u`` with small per-instance jitter."""
+def _band_profile(rng: np.random.Generator, row: ChromosomeClass, u: np.ndarray,
+                  inverted: bool = False) -> np.ndarray:
+    """The class band pattern sampled at axis fractions ``u`` with small per-instance jitter;
+    ``inverted`` turns each darkness d into 1 - d after the jitter (same random draws)."""
     bands = _BAND_ARRAYS[row.class_1to24 - 1]
     n = len(bands)
     widths = (bands[:, 1] - bands[:, 0]) * np.exp(rng.normal(0.0, 0.12, n))
     cum = np.cumsum(widths)
     edges = cum[:-1] / cum[-1]  # inner band boundaries
     levels = np.minimum(np.maximum(bands[:, 2] * (1.0 + rng.normal(0.0, 0.08, n)), 0.0), 1.0)
+    if inverted:
+        levels = 1.0 - levels
     profile = levels[np.searchsorted(edges, u, side="right")].astype(np.float32)
     return np.convolve(np.pad(profile, 1, mode="edge"), np.array([0.25, 0.5, 0.25], np.float32), "valid")
 
@@ -283,6 +294,130 @@ def _warp(straight: np.ndarray, length: float, bend: float, theta: float, sway: 
     s += np.float32(m_s)
     t += np.float32(c_t)
     return ndimage.map_coordinates(straight, coords, order=1, cval=0.0, prefilter=False)
+
+
+# --------------------------------------------------------------------------- lab styles
+@dataclass(frozen=True)
+class LabStyle:
+    """How one lab's chromosome images look; :func:`render_cell` and the writer apply it.
+
+    ``stain``: ``gband`` (dark on white) or ``qband`` (bright on black). ``band_inversion``: band
+    darkness d becomes 1 - d (R-banding). ``magnification`` multiplies the scale (px per % length).
+    ``frame``: ``(height, width)`` of a fixed canvas, or None for a tight crop; the chromosome is
+    centred in it, moved by up to ``frame_jitter`` px each way, and shrunk (aspect kept) when it
+    does not fit inside the frame less that jitter. ``intensity_scale`` multiplies every pixel
+    (exposure), ``black_level`` is added to every pixel and ``background_noise`` is the sigma (gray
+    levels) of Gaussian camera noise on the whole image, padding included. ``jpeg_quality``: store
+    as JPEG (``.jpg``) at that quality, or PNG when None.
+    """
+
+    stain: str = "gband"
+    band_inversion: bool = False
+    magnification: float = 1.0
+    frame: tuple[int, int] | None = None
+    frame_jitter: int = 3
+    intensity_scale: float = 1.0
+    black_level: float = 0.0
+    background_noise: float = 0.0
+    jpeg_quality: int | None = None
+    summary: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.stain not in STAINS:
+            raise HolonsError(f"style stain must be one of {', '.join(STAINS)}, got {self.stain!r}")
+        if not self.magnification > 0 or not self.intensity_scale > 0:
+            raise HolonsError("style magnification and intensity_scale must be positive")
+        if self.background_noise < 0 or self.frame_jitter < 0:
+            raise HolonsError("style background_noise and frame_jitter must not be negative")
+        if self.frame is not None and (len(self.frame) != 2 or min(self.frame) <= 2 * self.frame_jitter):
+            raise HolonsError(f"style frame must be (height, width), each larger than twice the jitter, "
+                              f"got {self.frame}")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 95:
+            raise HolonsError(f"style jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+
+    @property
+    def background(self) -> int:
+        """Gray level of the empty slide before exposure and noise: 255 (G-band) or 0 (Q-band)."""
+        return 255 if self.stain == "gband" else 0
+
+    @property
+    def suffix(self) -> str:
+        return ".png" if self.jpeg_quality is None else ".jpg"
+
+
+LAB_STYLES: dict[str, LabStyle] = {
+    "gband": LabStyle(summary="G-band, dark on white, tight crop (pki-3 like; the default)"),
+    "qband": LabStyle(stain="qband",
+                      summary="Q-band, bright on black, tight crop (the same as --stain qband)"),
+    "rband": LabStyle(band_inversion=True, summary="R-band: dark on white, band darkness reversed from G"),
+    "padded": LabStyle(frame=(200, 100), summary="G-band centred in fixed 200x100 (h x w) white frames"),
+    "qband_padded_dim": LabStyle(
+        stain="qband", frame=(200, 100), intensity_scale=0.43, black_level=4.0, background_noise=2.5,
+        summary="Q-band in fixed 200x100 black frames, dim (max ~110/255), camera noise",
+    ),
+    "magnified": LabStyle(magnification=1.6, summary="G-band tight crop at 1.6x the magnification"),
+    "jpeg": LabStyle(frame=(242, 242), jpeg_quality=75,
+                     summary="G-band in 242x242 white frames, stored as JPEG quality 75 (.jpg)"),
+}
+"""Named lab styles. ``gband`` renders exactly what the generator wrote before styles existed."""
+
+
+def resolve_style(style: str | LabStyle | None = None, stain: str | None = None) -> tuple[str, LabStyle]:
+    """``(name, LabStyle)`` from a style name or object and/or the older ``stain`` argument.
+
+    No style: the stain's own style (``gband`` when neither is given). A stain that contradicts the
+    style's is an error; a :class:`LabStyle` object is named ``custom``.
+    """
+    if stain is not None and stain not in STAINS:
+        raise HolonsError(f"stain must be one of {', '.join(STAINS)}, got {stain!r}")
+    if style is None:
+        name = stain or "gband"
+        return name, LAB_STYLES[name]
+    if isinstance(style, LabStyle):
+        name, lab = "custom", style
+    elif style in LAB_STYLES:
+        name, lab = style, LAB_STYLES[style]
+    else:
+        raise HolonsError(f"unknown style {style!r}; choose one of {', '.join(LAB_STYLES)}")
+    if stain is not None and stain != lab.stain:
+        raise HolonsError(f"stain {stain!r} conflicts with style {name!r} (a {lab.stain} style); "
+                          "give the style only")
+    return name, lab
+
+
+def apply_lab_style(rng: np.random.Generator, img: np.ndarray, style: LabStyle) -> np.ndarray:
+    """Frame, exposure and camera noise of ``style`` on one rendered chromosome (uint8 in and out).
+
+    Draws from ``rng`` only what the style needs (none for a tight, noise-free crop). Stain, band
+    inversion and magnification act in the rendering; JPEG storage in the writer.
+    """
+    if style.frame is not None:
+        img = _place_in_frame(rng, img, style.frame, style.frame_jitter, style.background)
+    if style.intensity_scale == 1.0 and style.black_level == 0.0 and style.background_noise == 0.0:
+        return img
+    out = img.astype(np.float32) * np.float32(style.intensity_scale) + np.float32(style.black_level)
+    if style.background_noise > 0:
+        out += np.float32(style.background_noise) * rng.standard_normal(out.shape, dtype=np.float32)
+    return np.clip(np.rint(out), 0.0, 255.0).astype(np.uint8)
+
+
+def _place_in_frame(rng: np.random.Generator, img: np.ndarray, frame: tuple[int, int], jitter: int,
+                    background: int) -> np.ndarray:
+    """``img`` centred on a ``frame``-sized canvas of ``background``, offset by up to ``jitter`` px
+    each way; shrunk first (aspect kept) when larger than the frame less the jitter."""
+    fh, fw = frame
+    room_h, room_w = fh - 2 * jitter, fw - 2 * jitter
+    h, w = img.shape
+    if h > room_h or w > room_w:
+        f = min(room_h / h, room_w / w)
+        h, w = max(1, int(h * f)), max(1, int(w * f))
+        img = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.LANCZOS))
+    dy, dx = rng.integers(-jitter, jitter + 1, size=2)
+    y0 = min(max((fh - h) // 2 + int(dy), 0), fh - h)
+    x0 = min(max((fw - w) // 2 + int(dx), 0), fw - w)
+    canvas = np.full((fh, fw), background, np.uint8)
+    canvas[y0: y0 + h, x0: x0 + w] = img
+    return canvas
 
 
 # --------------------------------------------------------------------------- cells
@@ -357,26 +492,31 @@ def plan_cells(cases: int, seed: int, abnormal_rate: float) -> list[CellPlan]:
 
 
 def render_cell(
-    rng: np.random.Generator, counts: Sequence[int], *, stain: str = "gband", flip_rate: float = 0.5,
-    scale: float = DEFAULT_SCALE,
+    rng: np.random.Generator, counts: Sequence[int], *, stain: str | None = None, flip_rate: float = 0.5,
+    scale: float = DEFAULT_SCALE, style: str | LabStyle | None = None,
 ) -> list[tuple[int, int, int, np.ndarray]]:
     """All chromosomes of one cell as ``(class_1to24, copy, polarity, image)``.
 
     The cell's condensation (lognormal, ~12 %) scales every chromosome; blur and contrast are
-    shared by the cell with small per-chromosome changes, as on one metaphase spread.
+    shared by the cell with small per-chromosome changes, as on one metaphase spread. ``style``
+    (a :data:`LAB_STYLES` name or a :class:`LabStyle`; default from ``stain``, else ``gband``) is
+    applied after all chromosomes are rendered, so framing and noise leave the chromosomes' own
+    random draws, and hence their shapes, as in the tight-crop style.
     """
-    cell_scale = scale * float(np.exp(rng.normal(0.0, 0.12)))
+    lab = resolve_style(style, stain)[1]
+    cell_scale = scale * lab.magnification * float(np.exp(rng.normal(0.0, 0.12)))
     cell_blur, cell_contrast = rng.uniform(0.55, 0.95), rng.uniform(0.85, 1.0)
     out = []
     for k in range(1, 25):
         for copy in range(counts[k - 1]):
             polarity = 0 if rng.random() < flip_rate else 1
             img = render_chromosome(
-                rng, k, scale=cell_scale, stain=stain, polarity=polarity,
+                rng, k, scale=cell_scale, stain=lab.stain, polarity=polarity,
                 blur=cell_blur * rng.uniform(0.9, 1.1), contrast=cell_contrast,
+                band_inversion=lab.band_inversion,
             )
             out.append((k, copy, polarity, img))
-    return out
+    return [(k, copy, polarity, apply_lab_style(rng, img, lab)) for k, copy, polarity, img in out]
 
 
 KARYOGRAM_ROWS = (
@@ -423,10 +563,14 @@ def karyogram(
 
 
 # --------------------------------------------------------------------------- dataset
-def _write_png(path: Path, img: np.ndarray) -> None:
-    """Encode in memory and write with one system call: file creation dominates the cost of tiny files."""
+def _write_image(path: Path, img: np.ndarray, jpeg_quality: int | None = None) -> None:
+    """Encode (PNG, or JPEG at ``jpeg_quality``) in memory and write with one system call: file
+    creation dominates the cost of tiny files."""
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    if jpeg_quality is None:
+        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    else:
+        Image.fromarray(img).save(buf, format="JPEG", quality=jpeg_quality)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, buf.getbuffer())
@@ -434,20 +578,20 @@ def _write_png(path: Path, img: np.ndarray) -> None:
         os.close(fd)
 
 
-def _write_cell(job: tuple[Path, CellPlan, int, str, float]) -> list[dict]:
+def _write_cell(job: tuple[Path, CellPlan, int, LabStyle, float]) -> list[dict]:
     """Render one cell into ``images/<case>`` (written in a temp folder, renamed when complete)."""
-    out, plan, seed, stain, flip_rate = job
+    out, plan, seed, style, flip_rate = job
     rng = np.random.default_rng([seed, plan.index, 0xC0DE])
     final = out / "images" / plan.case_id
     tmp = out / "images" / f".{plan.case_id}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     rows = []
-    for k, copy, polarity, img in render_cell(rng, plan.counts, stain=stain, flip_rate=flip_rate):
-        rel = Path("images") / plan.case_id / f"clase{k}" / f"clase{k}_{copy}_{plan.case_id}.png"
+    for k, copy, polarity, img in render_cell(rng, plan.counts, style=style, flip_rate=flip_rate):
+        rel = Path("images") / plan.case_id / f"clase{k}" / f"clase{k}_{copy}_{plan.case_id}{style.suffix}"
         dest = tmp / f"clase{k}" / rel.name
         if copy == 0:
             dest.parent.mkdir(parents=True)
-        _write_png(dest, img)
+        _write_image(dest, img, style.jpeg_quality)
         rows.append({
             "path": rel.as_posix(), "case_id": plan.case_id, "slide_id": plan.slide_id,
             "cell_no": plan.cell_no, "class_1to24": k, "label_0to23": k - 1,
@@ -466,9 +610,10 @@ def generate_karyotypes(
     seed: int = 0,
     abnormal_rate: float = 0.1,
     flip_rate: float = 0.5,
-    stain: str = "gband",
+    stain: str | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    style: str | LabStyle | None = None,
 ) -> Path:
     """Write ``cases`` synthetic cells under ``out`` in the ``pki3_gband`` layout; return the manifest.
 
@@ -478,14 +623,18 @@ def generate_karyotypes(
     autosome); ``flip_rate`` of the chromosomes are stored flipped (polarity 0). The output is the
     same for a seed whatever ``workers`` is. Each cell folder appears only when complete and the
     manifest is written last, atomically.
+
+    ``style`` names a lab look from :data:`LAB_STYLES` (or is a :class:`LabStyle`); without it the
+    ``stain`` (``gband`` by default) picks ``gband`` or ``qband``, and a stain that contradicts the
+    style is an error. JPEG styles write ``.jpg`` files; ``height``/``width`` are those of the
+    written files. ``out/style.json`` records the style's name and parameters.
     """
     if cases < 1:
         raise HolonsError(f"cases must be at least 1, got {cases}")
     for name, value in (("abnormal rate", abnormal_rate), ("flip rate", flip_rate)):
         if not 0.0 <= value <= 1.0:
             raise HolonsError(f"{name} must be between 0 and 1, got {value}")
-    if stain not in STAINS:
-        raise HolonsError(f"stain must be one of {', '.join(STAINS)}, got {stain!r}")
+    style_name, lab = resolve_style(style, stain)
     out = Path(out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
@@ -494,7 +643,7 @@ def generate_karyotypes(
 
     for stale in (out / "images").glob(".*.tmp*"):  # cell folders left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
-    jobs = [(out, plan, seed, stain, flip_rate) for plan in plan_cells(cases, seed, abnormal_rate)]
+    jobs = [(out, plan, seed, lab, flip_rate) for plan in plan_cells(cases, seed, abnormal_rate)]
     workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
     workers = min(workers, max(1, cases // 4))
     if progress is None:
@@ -516,6 +665,8 @@ def generate_karyotypes(
         except OSError as e:
             raise HolonsError(f"cannot write synthetic karyotypes under {out}: {e.strerror or e}") from e
 
+    with atomic_write(out / "style.json", "w") as f:
+        json.dump({"style": style_name, **asdict(lab)}, f, indent=2)
     manifest = out / "manifest.csv"
     import pandas as pd
 

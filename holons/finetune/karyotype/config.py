@@ -7,7 +7,8 @@ from typing import Literal
 
 from holons.errors import ConfigError
 
-Stain = Literal["gband", "qband", "auto"]
+Stain = Literal["gband", "rband", "qband", "auto"]
+ScaleNorm = Literal["none", "cell"]
 Variant = Literal["varifocal", "g_only", "l_whole"]
 BoxGradient = Literal["mask", "sampling"]
 DispatchMethod = Literal["none", "greedy", "optimal"]
@@ -19,19 +20,26 @@ OutputHead = Literal["auto", "g", "l", "fusion", "mean"]
 class KaryotypeDataConfig:
     """How chromosome images become fixed-size tensors, and how cases are split.
 
-    ``stain`` names how the files look (``gband``: dark bands on white, ``qband``: bright on black,
-    ``auto``: decided per image from its border); every image is brought to one convention,
-    bright chromosome on a black (0) background. ``canvas`` is the side in source pixels of the
-    square each chromosome is centred on without stretching (0: the smallest multiple of 8 that
-    holds the longest chromosome of the training data). The canvas is then resized to
+    ``stain`` names how the files look (``gband`` / ``rband``: dark bands on white, ``qband``:
+    bright on black, ``auto``: decided per image, see :mod:`~holons.finetune.karyotype.preprocess`);
+    every image is brought to one convention, bright chromosome on a black (0) background, with
+    its intensity stretched to the foreground's own range. ``canvas`` is the side in source pixels
+    of the square each chromosome (its foreground box, not its file) is centred on without
+    stretching (0: the smallest multiple of 8 that holds ``canvas_percentile`` % of the training
+    chromosomes' lengths; longer ones are shrunk to fit and counted). ``scale``: ``cell`` resizes
+    every chromosome by the training set's typical length over its cell's median length, so a
+    model moves between magnifications (relative lengths inside a cell are kept); ``none`` keeps
+    source pixels. The canvas is then resized to
     ``zoom_source_size`` (what the varifocal zoom crops from; 0 = ``input_size``) and to
     ``input_size`` for the G-Net. ``default_polarity`` fills a missing polarity column (1:
     stored upright, -1: unknown, ignored by the polarity loss). ``max_train_cases`` (0: all) keeps a
     seeded subset of the training cases, for small CPU runs; validation and test stay whole.
     """
 
-    stain: Stain = "gband"
+    stain: Stain = "auto"
     canvas: int = 0
+    canvas_percentile: float = 99.5
+    scale: ScaleNorm = "none"
     input_size: int = 64
     zoom_source_size: int = 0
     default_polarity: int = 1
@@ -49,6 +57,8 @@ class KaryotypeDataConfig:
             raise ConfigError("data.zoom_source_size must be 0 or at least data.input_size")
         if self.canvas < 0:
             raise ConfigError(f"data.canvas must be >= 0, got {self.canvas}")
+        if not 50.0 <= self.canvas_percentile <= 100.0:
+            raise ConfigError(f"data.canvas_percentile must be in [50, 100], got {self.canvas_percentile}")
         if self.default_polarity not in (-1, 0, 1):
             raise ConfigError("data.default_polarity must be 1 (upright), 0 (flipped) or -1 (unknown)")
         if not (0.0 <= self.test_fraction < 1.0 and 0.0 <= self.val_fraction < 1.0
@@ -92,6 +102,13 @@ class KaryotypeTrainConfig:
     """The four-step schedule (epochs per step; 0 skips a step), Adam with a step or cosine decay,
     augmentation.
 
+    ``epoch_steps`` sets the budget in optimizer steps rather than passes over the data: 0 makes an
+    epoch one pass over the training chromosomes (so the budget grows with the data set, as tuned
+    for pki-3's ~20k); N > 0 makes every epoch exactly N batches, drawn from as many reshuffled
+    passes as needed (or from part of one pass), so a lab with 3k chromosomes gets as many updates
+    as one with 20k, and a lab with 100k no more. Learning-rate decay, validation and
+    checkpoints still count epochs.
+
     Step 3 alternates ``lnet_rounds`` times: ``lnet_epochs`` of L-Net training with the localizer
     frozen, then ``localizer_refine_epochs`` of localizer training from the L-Net's loss with the
     L-Net frozen, at ``lr * localizer_refine_lr_scale`` (a small step keeps the crops the L-Net
@@ -121,6 +138,7 @@ class KaryotypeTrainConfig:
     refine_keep_if_better: bool = True
     fusion_epochs: int = 5
     batch_size: int = 64
+    epoch_steps: int = 0
     lr: float = 1e-4
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
@@ -147,6 +165,8 @@ class KaryotypeTrainConfig:
                      "localizer_refine_epochs", "fusion_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0")
+        if self.epoch_steps < 0:
+            raise ConfigError("train.epoch_steps must be >= 0 (0: one pass over the data per epoch)")
         if self.warmup_steps < 0:
             raise ConfigError("train.warmup_steps must be >= 0")
         if self.batch_size < 2:

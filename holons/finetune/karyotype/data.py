@@ -1,12 +1,13 @@
-"""Chromosome images as fixed-size tensors: manifests, stain convention, canvas, flips and small
+"""Chromosome images as fixed-size tensors: manifests, the recorded preprocessing, flips and small
 affine jitter, group splits.
 
-One convention for every stain: a bright chromosome on a black (0) background. Each chromosome
-(the box of its foreground, whatever the file's margins) is centred on a square canvas *without
-stretching* (a chromosome's length is a class cue), and the canvas is resized to the network's
-input size. The canvas side comes from the training data (the
-smallest multiple of 8 that holds the longest chromosome) and is stored with the model, so
-prediction puts new images on the same canvas.
+Each chromosome is cut out of its file by :mod:`holons.finetune.karyotype.preprocess` (one
+convention for every stain: bright on a 0 background, intensity in the foreground's own range),
+centred on a square canvas *without stretching* (a chromosome's length is a class cue) and the
+canvas resized to the network's input size. The canvas side comes from the training chromosomes
+(a high percentile of their lengths) and is stored with the model as part of its
+:class:`~holons.finetune.karyotype.preprocess.Preprocessing`, so prediction puts new images on the
+same canvas.
 
 Labels: type 0..23 (autosomes 1..22 -> 0..21, X -> 22, Y -> 23); polarity 1 when the long arm
 points down (as stored in ``pki3_gband`` and karyogram-style crops), 0 when flipped, -1 unknown.
@@ -28,17 +29,23 @@ from torch.utils.data import Dataset
 
 from holons.data.readers import UnreadableImage, read_image
 from holons.errors import HolonsError
+from holons.finetune.karyotype.preprocess import (
+    ChromosomeImageError,
+    Preprocessing,
+    cell_scale_factors,
+    choose_canvas,
+    chromosome_crop,
+    crop_length,
+    network_input,
+    reference_length,
+)
 
 NUM_TYPES = 24
 CLASS_NAMES = tuple([str(k) for k in range(1, 23)] + ["X", "Y"])
 """Display name of each type 0..23."""
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-CANVAS_MULTIPLE = 8
 FOREGROUND_THRESHOLD = 0.1
-"""Pixels above this (after the stain convention) are chromosome: box targets, CutMix label mixing."""
-CROP_THRESHOLD = 0.05
-"""Extent of the chromosome in its file, for centring; below the foreground threshold, so faint
-borders stay."""
+"""Pixels above this (in the network input) are chromosome: box targets, CutMix label mixing."""
 
 
 class KaryotypeDataError(HolonsError):
@@ -126,87 +133,65 @@ def load_table(data: str | Path, *, default_polarity: int = 1) -> tuple[pd.DataF
 
 
 # --------------------------------------------------------------------------- pixels
-def normalise_stain(pixels: np.ndarray, stain: str) -> np.ndarray:
-    """Gray pixels in [0, 1] -> bright chromosome on a 0 background, float32.
+def read_crop(path: str | Path, stain: str) -> np.ndarray:
+    """Read one file and cut its chromosome out (:func:`preprocess.chromosome_crop`); raises
+    ``UnreadableImage`` or ``ChromosomeImageError``."""
+    return chromosome_crop(read_image(path).pixels, stain)
 
-    ``gband`` images (dark on white) are inverted, ``qband`` (bright on black) kept, ``auto``
-    inverts when the image border is brighter than mid-gray. The background level (median of the
-    border pixels) is then subtracted and the range stretched back to [0, 1], so JPEG crops with a
-    near-white background land on the same 0 background as clean PNG/TIFF crops.
+
+@dataclass
+class Crops:
+    """The chromosomes of a table, cut out of their files once (uint8, bright on 0).
+
+    ``table`` keeps only the rows that loaded; ``skipped`` lists ``(file, reason)`` of the others.
     """
-    x = np.asarray(pixels, dtype=np.float32)
-    if x.ndim != 2:
-        raise KaryotypeDataError(f"expected a 2-D gray image, got shape {x.shape}")
-    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    if stain == "gband" or (stain == "auto" and float(np.median(border)) > 0.5):
-        x = 1.0 - x
-    elif stain not in ("qband", "auto"):
-        raise ValueError(f"stain must be gband, qband or auto, got {stain!r}")
-    background = float(np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])))
-    if background > 0.0 and background < 1.0:
-        x = (x - background) / (1.0 - background)
-    return np.clip(x, 0.0, 1.0)
+
+    table: pd.DataFrame
+    crops: list[np.ndarray]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.asarray([crop_length(c) for c in self.crops], float)
+
+    def subset(self, rows: np.ndarray) -> Crops:
+        """The crops of the boolean or index selection ``rows`` of ``table``."""
+        idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        return Crops(self.table.iloc[idx].reset_index(drop=True), [self.crops[i] for i in idx])
 
 
-def choose_canvas(heights: Sequence[float], widths: Sequence[float], multiple: int = CANVAS_MULTIPLE) -> int:
-    """The smallest multiple of ``multiple`` that holds the longest side of every chromosome."""
-    longest = max(float(np.nanmax(np.asarray(heights, float))), float(np.nanmax(np.asarray(widths, float))))
-    if not math.isfinite(longest) or longest < 1:
-        raise KaryotypeDataError("cannot choose a canvas: no chromosome sizes")
-    return int(math.ceil(longest / multiple) * multiple)
+def read_crops(table: pd.DataFrame, stain: str, *, progress: bool = False) -> Crops:
+    """Cut every chromosome of ``table`` out of its file; unreadable files are reported, not fatal."""
+    from tqdm import tqdm
+
+    crops, keep, skipped = [], [], []
+    for i, file in enumerate(tqdm(table["file"], desc="chromosomes", unit="img", disable=not progress)):
+        try:
+            crop = read_crop(file, stain)
+        except UnreadableImage as e:
+            skipped.append((str(file), e.reason))
+            continue
+        except ChromosomeImageError as e:
+            skipped.append((str(file), str(e)))
+            continue
+        crops.append(np.round(crop * 255).astype(np.uint8))
+        keep.append(i)
+    return Crops(table.iloc[keep].reset_index(drop=True), crops, skipped)
 
 
-def foreground_crop(x: np.ndarray, threshold: float = CROP_THRESHOLD) -> np.ndarray:
-    """``x`` cut to the bounding box of its pixels above ``threshold`` (all of it when none is).
-
-    Centring the chromosome rather than its file matters: a model trained on centred chromosomes
-    loses most of its accuracy when they sit a few pixels off (``benchmarks/karyotype_pose_probe.py``),
-    and crops from other software come with uneven margins.
-    """
-    rows, cols = np.flatnonzero((x > threshold).any(1)), np.flatnonzero((x > threshold).any(0))
-    if rows.size == 0:
-        return x
-    return x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-
-
-def place_on_canvas(x: np.ndarray, canvas: int) -> tuple[np.ndarray, bool]:
-    """Centre ``x`` (H x W, background 0) on a ``canvas`` square without stretching.
-
-    A chromosome longer than the canvas is shrunk (aspect kept, area filter) to fit; the second
-    value says so.
-    """
-    h, w = x.shape
-    shrunk = max(h, w) > canvas
-    if shrunk:
-        scale = canvas / max(h, w)
-        h, w = max(1, min(canvas, round(h * scale))), max(1, min(canvas, round(w * scale)))
-        x = _resize(x, w, h)
-    out = np.zeros((canvas, canvas), np.float32)
-    y0, x0 = (canvas - h) // 2, (canvas - w) // 2
-    out[y0:y0 + h, x0:x0 + w] = x
-    return out, shrunk
-
-
-def _resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Area-filtered resize of a float image (Pillow's BOX filter on mode F)."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(np.ascontiguousarray(x, np.float32), mode="F").resize(
-        (width, height), Image.Resampling.BOX), dtype=np.float32)
-
-
-def chromosome_array(pixels: np.ndarray, *, stain: str, canvas: int, size: int) -> tuple[np.ndarray, bool]:
-    """One chromosome as a ``size x size`` float32 array in [0, 1] (stain, centred by its
-    foreground on the canvas, area resize)."""
-    placed, shrunk = place_on_canvas(foreground_crop(normalise_stain(pixels, stain)), canvas)
-    if size != canvas:
-        placed = _resize(placed, size, size)
-    return np.clip(placed, 0.0, 1.0), shrunk
-
-
-def read_chromosome(path: str | Path, *, stain: str, canvas: int, size: int) -> tuple[np.ndarray, bool]:
-    """Read one file and make it a ``size x size`` array (raises ``UnreadableImage``)."""
-    return chromosome_array(read_image(path).pixels, stain=stain, canvas=canvas, size=size)
+def fit_preprocessing(train: Crops, *, stain: str, canvas: int = 0, percentile: float = 99.5,
+                      scale: str = "none") -> Preprocessing:
+    """The preprocessing a model records, chosen on its training chromosomes: the canvas from a
+    high percentile of their lengths (after per-cell scaling when ``scale == "cell"``)."""
+    if not train.crops:
+        raise KaryotypeDataError("no training chromosomes to choose the canvas from")
+    lengths = train.lengths
+    reference = 0.0
+    if scale == "cell":
+        reference = reference_length(lengths, train.table["case_id"])
+        lengths = lengths * cell_scale_factors(lengths, train.table["case_id"], reference)
+    return Preprocessing(stain=stain, canvas=int(canvas) or choose_canvas(lengths, percentile),
+                         scale=scale, reference_length=round(reference, 3), canvas_percentile=percentile)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -220,34 +205,27 @@ class LoadReport:
 
 
 class KaryotypeDataset(Dataset):
-    """Chromosomes of a normalised table, decoded once into memory as uint8 ``size x size``.
+    """Chromosomes as uint8 ``size x size`` network inputs, made once by the recorded
+    :class:`Preprocessing` (the same at training and predict time).
 
-    Unreadable files are recorded in ``report.skipped`` and left out (``table`` keeps only the
-    rows that loaded). Items are dicts: ``image`` (1 x S x S float in [0, 1]), ``label``,
-    ``polarity``, ``index`` (row of ``table``).
+    Build it from a table (files are read) or from :class:`Crops` already read. Items are dicts:
+    ``image`` (1 x S x S float in [0, 1]), ``label``, ``polarity``, ``index`` (row of ``table``).
     """
 
-    def __init__(self, table: pd.DataFrame, *, stain: str, canvas: int, size: int,
+    def __init__(self, data: pd.DataFrame | Crops, *, preprocessing: Preprocessing, size: int,
                  progress: bool = False) -> None:
-        from tqdm import tqdm
-
-        self.stain, self.canvas, self.size = stain, int(canvas), int(size)
-        self.report = LoadReport()
-        images, keep = [], []
-        for i, file in enumerate(tqdm(table["file"], desc="chromosomes", unit="img", disable=not progress)):
-            try:
-                t, shrunk = read_chromosome(file, stain=stain, canvas=self.canvas, size=self.size)
-            except UnreadableImage as e:
-                self.report.skipped.append((str(file), e.reason))
-                continue
-            except KaryotypeDataError as e:
-                self.report.skipped.append((str(file), str(e)))
-                continue
-            images.append(np.round(t * 255).astype(np.uint8))
-            keep.append(i)
+        crops = data if isinstance(data, Crops) else read_crops(data, preprocessing.stain, progress=progress)
+        self.preprocessing, self.canvas, self.size = preprocessing, int(preprocessing.canvas), int(size)
+        self.table = crops.table
+        self.report = LoadReport(kept=len(crops.crops), skipped=list(crops.skipped))
+        factors = np.ones(len(crops.crops))
+        if preprocessing.scale == "cell" and crops.crops:
+            factors = cell_scale_factors(crops.lengths, self.table["case_id"], preprocessing.reference_length)
+        images = []
+        for crop, factor in zip(crops.crops, factors, strict=True):
+            x, shrunk = network_input(crop.astype(np.float32) / 255.0, self.canvas, self.size, factor)
+            images.append(np.round(x * 255).astype(np.uint8))
             self.report.shrunk += int(shrunk)
-        self.table = table.iloc[keep].reset_index(drop=True)
-        self.report.kept = len(keep)
         stacked = np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.uint8)
         self.images = torch.from_numpy(stacked)
         self.labels = torch.tensor(self.table["label"].to_numpy(), dtype=torch.long)

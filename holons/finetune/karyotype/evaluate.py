@@ -1,8 +1,13 @@
 """Test-split metrics of a karyotype model: per chromosome, per case (with each dispatch), confusion.
 
-Polarity protocol: stored images are mostly upright, so each test image is flipped upside down
-with probability 1/2 (a generator seeded by ``seed``; the polarity label swaps) before prediction.
-Type accuracy is measured on the same flipped images.
+Type and dispatch metrics are measured on the images as stored, through the same inference path
+(:func:`~holons.finetune.karyotype.inference.predict_dataset`, the model's head and test-time flips)
+and the same :func:`label_metrics` that ``karyotype predict`` uses on a labelled manifest, so
+predict on a run's own test images reproduces these numbers.
+
+Polarity protocol: stored images are mostly upright, so for ``polarity_accuracy`` each test image
+is flipped upside down with probability 1/2 (a generator seeded by ``seed``; the polarity label
+swaps) in a second pass.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from holons.files import atomic_write
 from holons.finetune.karyotype.data import CLASS_NAMES, NUM_TYPES, KaryotypeDataset
 from holons.finetune.karyotype.dispatch import METHODS, dispatch_case
+from holons.finetune.karyotype.inference import predict_dataset
 
 
 def per_case_scores(table: pd.DataFrame, probs: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -56,51 +62,67 @@ def confusion_png(true: np.ndarray, pred: np.ndarray, path: Path, title: str = "
     return counts
 
 
-def evaluate_split(model, dataset: KaryotypeDataset, head: str, device, out_dir: str | Path, *,
-                   dispatch: str = "optimal", seed: int = 0, batch_size: int = 256,
-                   hflip: bool = False, vflip: bool = False) -> dict:
-    """Metrics on ``dataset`` (see module doc); writes predictions.csv and confusion.png to ``out_dir``;
-    ``hflip`` / ``vflip``: average each prediction with that of the mirror / upside-down image."""
+def label_metrics(table: pd.DataFrame, probs: np.ndarray, polarity_probs: np.ndarray,
+                  polarity: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
+    """Metrics of type probabilities against ``table["label"]`` (and of polarity probabilities
+    against ``polarity`` where known): accuracy, macro F1, and per dispatch method the per-case
+    accuracy, the share of fully correct cases and the dispatched per-chromosome accuracy. Also
+    returns the per-chromosome frame (``path, case_id, label, pred_label, ... dispatched_<method>``).
+    """
     from sklearn.metrics import f1_score
 
-    from holons.finetune.karyotype.train import predict_dataset
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if len(dataset) == 0:
-        return {"test_chromosomes": 0}
-    flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
-    types, pols = predict_dataset(model, dataset, head, device, batch_size, flips, hflip=hflip, vflip=vflip)
-    probs = types.numpy().astype(np.float64)
-    true = dataset.labels.numpy()
-    polarity = torch.where(flips & (dataset.polarity >= 0), 1 - dataset.polarity, dataset.polarity).numpy()
+    true = table["label"].to_numpy()
     pred = probs.argmax(1)
-    pred_pol = pols.numpy().argmax(1)
-    known = polarity >= 0
     summary = {
-        "head": head, "test_chromosomes": int(len(dataset)),
-        "test_cases": int(dataset.table["case_id"].nunique()),
-        "test_groups": int(dataset.table["group"].nunique()),
+        "test_chromosomes": int(len(table)), "test_cases": int(table["case_id"].nunique()),
+        "test_groups": int(table["group"].nunique()) if "group" in table else None,
         "type_accuracy": float((pred == true).mean()),
-        "polarity_accuracy": float((pred_pol[known] == polarity[known]).mean()) if known.any() else None,
         "macro_f1": float(f1_score(true, pred, average="macro", labels=np.unique(true))),
     }
-    frame = dataset.table[["path", "case_id", "label"]].copy()
-    frame["true_polarity"] = polarity
+    frame = table[["path", "case_id", "label"]].copy()
     frame["pred_label"] = pred
-    frame["pred_polarity"] = pred_pol
     frame["p_top"] = probs.max(1)
+    frame["pred_polarity"] = polarity_probs.argmax(1)
+    if polarity is not None:
+        known = polarity >= 0
+        frame["true_polarity"] = polarity
+        summary["polarity_accuracy"] = (float((polarity_probs.argmax(1)[known] == polarity[known]).mean())
+                                        if known.any() else None)
     for method in METHODS:
-        labels, fractions = per_case_scores(dataset.table, probs, method)
+        labels, fractions = per_case_scores(table, probs, method)
         summary[f"case_accuracy_{method}"] = float(fractions.mean())
         summary[f"cases_fully_correct_{method}"] = float((fractions == 1.0).mean())
         summary[f"type_accuracy_{method}"] = float((labels == true).mean())
         frame[f"dispatched_{method}"] = labels
+    return summary, frame
+
+
+def write_metrics(summary: dict, frame: pd.DataFrame, out_dir: Path, name: str = "summary.json") -> dict:
+    """``predictions.csv`` (when ``frame`` is given), ``confusion.png`` and the JSON ``name``."""
+    true, pred = frame["label"].to_numpy(), frame["pred_label"].to_numpy()
     counts = confusion_png(true, pred, out_dir / "confusion.png",
-                           f"type accuracy {summary['type_accuracy']:.3f} ({len(dataset)} chromosomes)")
-    summary["confusion"] = counts.tolist()
+                           f"type accuracy {summary['type_accuracy']:.3f} ({len(frame)} chromosomes)")
+    with atomic_write(out_dir / name, "w") as f:
+        json.dump(summary, f, indent=2)
+    return {**summary, "confusion": counts.tolist()}
+
+
+def evaluate_split(model, dataset: KaryotypeDataset, head: str, device, out_dir: str | Path, *,
+                   dispatch: str = "optimal", seed: int = 0, batch_size: int = 256,
+                   hflip: bool = False, vflip: bool = False) -> dict:
+    """Metrics on ``dataset`` (see module doc); writes predictions.csv, confusion.png and summary.json
+    to ``out_dir``; ``hflip`` / ``vflip``: average each prediction with that of the mirror /
+    upside-down image."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(dataset) == 0:
+        return {"test_chromosomes": 0}
+    types, _ = predict_dataset(model, dataset, head, device, batch_size, hflip=hflip, vflip=vflip)
+    flips = torch.rand(len(dataset), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
+    _, pols = predict_dataset(model, dataset, head, device, batch_size, flips, hflip=hflip, vflip=vflip)
+    polarity = torch.where(flips & (dataset.polarity >= 0), 1 - dataset.polarity, dataset.polarity).numpy()
+    summary, frame = label_metrics(dataset.table, types.numpy().astype(np.float64), pols.numpy(), polarity)
+    summary = {"head": head, **summary}
     with atomic_write(out_dir / "predictions.csv", "w") as f:
         frame.to_csv(f, index=False)
-    with atomic_write(out_dir / "summary.json", "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "confusion"}, f, indent=2)
-    return summary
+    return write_metrics(summary, frame, out_dir)

@@ -92,8 +92,8 @@ def karyogram_from_predictions(predictions: str | Path, case_id: str, out_png: s
     import json
 
     from holons.data.readers import UnreadableImage, read_image
-    from holons.finetune.karyotype.data import normalise_stain
     from holons.finetune.karyotype.predict import CASES, case_file_name, read_predictions
+    from holons.finetune.karyotype.preprocess import chromosome_crop
 
     frame, info = read_predictions(predictions)
     rows = frame[frame["case_id"] == str(case_id)]
@@ -108,7 +108,7 @@ def karyogram_from_predictions(predictions: str | Path, case_id: str, out_png: s
             pixels = read_image(path if path.is_absolute() else root / path).pixels
         except UnreadableImage:
             continue
-        display = 1.0 - normalise_stain(pixels, info["stain"])
+        display = 1.0 - chromosome_crop(pixels, info["stain"])
         items.append((display, int(row["dispatched_class_1to24"]), int(row["pred_polarity"])))
     case_json = Path(predictions) / CASES / case_file_name(case_id)
     warnings = json.loads(case_json.read_text())["warnings"] if case_json.is_file() else []

@@ -3,8 +3,11 @@
 Outputs in ``out``: ``predictions.csv`` (``path, case_id, pred_class_1to24, pred_polarity, p_top,
 dispatched_class_1to24``, plus ``p_polarity`` and ``true_class_1to24`` when the manifest has
 labels), ``cases/<case>.json`` (counts, sex and its confidence, warnings, what dispatch changed)
-and ``predict_info.json`` (model, data root, stain, unreadable files). Cases are named by their
-ids only; nothing else about a patient is written.
+``predict_info.json`` (model, data root, preprocessing, unreadable files) and, when the manifest
+has labels, ``metrics.json`` + ``confusion.png``: the same metrics, computed by the same code, as
+the training run's own test evaluation (polarity here on the images as given). Preprocessing,
+head and test-time flips are the ones recorded with the model. Cases are named by their ids only;
+nothing else about a patient is written.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.karyotype.data import KaryotypeDataset, load_table
 from holons.finetune.karyotype.dispatch import METHODS, dispatch_case
-from holons.finetune.karyotype.train import load_model, predict_dataset, resolve_device
+from holons.finetune.karyotype.evaluate import label_metrics, write_metrics
+from holons.finetune.karyotype.inference import predict_dataset
+from holons.finetune.karyotype.preprocess import Preprocessing
+from holons.finetune.karyotype.train import load_model, resolve_device
 
 PREDICTIONS = "predictions.csv"
 INFO = "predict_info.json"
@@ -47,8 +53,12 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
     table, skipped_rows = load_table(data, default_polarity=-1)
     if table.empty:
         raise HolonsError(f"{data}: no chromosome images to predict")
-    ds = KaryotypeDataset(table, stain=meta["stain"], canvas=meta["canvas"], size=meta["source_size"],
-                          progress=progress)
+    prep = Preprocessing.from_json(meta["preprocessing"])
+    ds = KaryotypeDataset(table, preprocessing=prep, size=meta["source_size"], progress=progress)
+    if len(ds) == 0:
+        first = ds.report.skipped[0]
+        raise HolonsError(f"{data}: none of the {len(table)} chromosome images could be read "
+                          f"(first: {first[0]}: {first[1]})")
     types, pols = predict_dataset(model, ds, meta["head"], dev, batch_size,
                                   hflip=bool(meta["config"]["train"].get("test_time_hflip", False)),
                                   vflip=bool(meta["config"]["train"].get("test_time_vflip", False)))
@@ -76,19 +86,26 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
             json.dump(record, f, indent=2)
     with atomic_write(out / PREDICTIONS, "w") as f:
         frame.to_csv(f, index=False)
+    metrics = None
+    if len(t) and (t["label"] >= 0).all():
+        metrics, per_row = label_metrics(t, probs, pols.numpy(), t["polarity"].to_numpy())
+        metrics = write_metrics({"head": meta["head"], **metrics}, per_row, out, "metrics.json")
     data_path = Path(data).resolve()
     info = {
         "model": str(Path(model_dir).resolve()), "data": str(data_path),
-        "data_root": str(data_path if data_path.is_dir() else data_path.parent), "stain": meta["stain"],
-        "canvas": meta["canvas"], "shrunk_to_fit_canvas": ds.report.shrunk, "head": meta["head"],
+        "data_root": str(data_path if data_path.is_dir() else data_path.parent), "stain": prep.stain,
+        "preprocessing": prep.to_json(), "canvas": prep.canvas, "shrunk_to_fit_canvas": ds.report.shrunk,
+        "head": meta["head"],
         "dispatch": dispatch,
         "unreadable": [{"path": p, "reason": r} for p, r in ds.report.skipped], "skipped_rows": skipped_rows,
     }
     with atomic_write(out / INFO, "w") as f:
         json.dump(info, f, indent=2)
-    return {"chromosomes": len(frame), "cases": int(t["case_id"].nunique()),
-            "skipped": len(ds.report.skipped),
-            "cases_with_warnings": with_warnings}
+    result = {"chromosomes": len(frame), "cases": int(t["case_id"].nunique()),
+              "skipped": len(ds.report.skipped), "cases_with_warnings": with_warnings}
+    if metrics is not None:
+        result["metrics"] = {k: v for k, v in metrics.items() if k != "confusion"}
+    return result
 
 
 def read_predictions(folder: str | Path) -> tuple[pd.DataFrame, dict]:

@@ -47,12 +47,16 @@ from holons.finetune.karyotype.data import (
     FOREGROUND_THRESHOLD,
     KaryotypeDataset,
     assign_splits,
-    choose_canvas,
+    fit_preprocessing,
     load_table,
     random_affine,
     random_flips,
+    read_crops,
 )
+from holons.finetune.karyotype.evaluate import evaluate_split
+from holons.finetune.karyotype.inference import predict_dataset
 from holons.finetune.karyotype.model import VarifocalNet, box_targets
+from holons.finetune.karyotype.preprocess import Preprocessing
 from holons.signals import StopSignal
 
 log = logging.getLogger("holons.karyotype")
@@ -253,12 +257,17 @@ class PreparedData:
     train: KaryotypeDataset
     val: KaryotypeDataset
     test: KaryotypeDataset
-    canvas: int
+    preprocessing: Preprocessing
     skipped: dict
+
+    @property
+    def canvas(self) -> int:
+        return self.preprocessing.canvas
 
 
 def prepare_data(cfg: KaryotypeConfig, manifest: str | Path, progress: bool = False) -> PreparedData:
-    """Read the manifest, split by group, choose the canvas on the training rows, preload."""
+    """Read the manifest, split by group, cut every chromosome out once, fit the preprocessing
+    (canvas, reference length) on the training rows, and make the three datasets."""
     d = cfg.data
     table, skipped = load_table(manifest, default_polarity=d.default_polarity)
     table = table[table["label"] >= 0].reset_index(drop=True)
@@ -270,73 +279,33 @@ def prepare_data(cfg: KaryotypeConfig, manifest: str | Path, progress: bool = Fa
         cases = np.unique(table.loc[table["split"] == "train", "case_id"])
         keep = set(np.random.default_rng([d.split_seed, 0xCA5E]).permutation(cases)[: d.max_train_cases])
         table = table[(table["split"] != "train") | table["case_id"].isin(keep)].reset_index(drop=True)
-    train_rows = table[table["split"] == "train"]
-    canvas = d.canvas or choose_canvas(*_sizes(train_rows))
-    size = d.source_size
-
-    def ds(name: str) -> KaryotypeDataset:
-        return KaryotypeDataset(table[table["split"] == name].reset_index(drop=True), stain=d.stain,
-                                canvas=canvas, size=size, progress=progress)
-
-    data = PreparedData(ds("train"), ds("val"), ds("test"), canvas, skipped)
+    crops = read_crops(table, d.stain, progress=progress)
+    split = crops.table["split"].to_numpy()
+    prep = fit_preprocessing(crops.subset(split == "train"), stain=d.stain, canvas=d.canvas,
+                             percentile=d.canvas_percentile, scale=d.scale)
+    parts = {name: KaryotypeDataset(crops.subset(split == name), preprocessing=prep, size=d.source_size)
+             for name in ("train", "val", "test")}
+    data = PreparedData(parts["train"], parts["val"], parts["test"], prep, dict(skipped))
     if len(data.train) < 2:
         raise HolonsError("fewer than 2 training chromosomes after the split")
-    for part in (data.train, data.val, data.test):
-        for _, reason in part.report.skipped:
-            data.skipped[reason] = data.skipped.get(reason, 0) + 1
+    for _, reason in crops.skipped:
+        data.skipped[reason] = data.skipped.get(reason, 0) + 1
     return data
 
 
-def _sizes(rows) -> tuple[list[float], list[float]]:
-    if {"height", "width"} <= set(rows.columns) and rows[["height", "width"]].notna().all().all():
-        return rows["height"].tolist(), rows["width"].tolist()
-    from PIL import Image
-
-    hs, ws = [], []
-    for f in rows["file"]:
-        try:
-            with Image.open(f) as im:
-                ws.append(im.width)
-                hs.append(im.height)
-        except OSError:
-            continue
-    return hs, ws
-
-
 # --------------------------------------------------------------------------- loop
-def shuffled_batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch of index batches in a random order; a last batch of one (BatchNorm) is dropped."""
-    order = torch.randperm(n, generator=generator)
-    return [order[i:i + batch] for i in range(0, n, batch) if len(order[i:i + batch]) >= 2]
+def shuffled_batches(n: int, batch: int, generator: torch.Generator, steps: int = 0) -> list[torch.Tensor]:
+    """One epoch of index batches in a random order; a last batch of one (BatchNorm) is dropped.
 
-
-@torch.no_grad()
-def predict_dataset(model: VarifocalNet, dataset: KaryotypeDataset, head: str, device: torch.device,
-                    batch_size: int = 256, flip_mask: torch.Tensor | None = None, *, hflip: bool = False,
-                    vflip: bool = False):
-    """Type probabilities (N x 24) and polarity probabilities (N x 2); optional vertical flips of the
-    inputs (``flip_mask``); ``hflip`` averages each prediction with that of the mirror image,
-    ``vflip`` with that of the upside-down image (its polarity probabilities swapped back)."""
-    model.eval()
-    types, pols = [], []
-    for i in range(0, len(dataset), batch_size):
-        x = dataset.images[i:i + batch_size].float().div_(255.0)
-        if flip_mask is not None:
-            m = flip_mask[i:i + batch_size]
-            x = torch.where(m[:, None, None, None], x.flip(-2), x)
-        x = x.to(device)
-        views = [(x, False)] + ([(x.flip(-1), False)] if hflip else [])
-        if vflip:  # upside down: the same type, the opposite polarity
-            views += [(v.flip(-2), True) for v, _ in views]
-        t = p = 0.0
-        for view, upside_down in views:
-            tv, pv = model.predict_logits(view, head)
-            t, p = t + tv.softmax(1), p + (pv.softmax(1).flip(1) if upside_down else pv.softmax(1))
-        types.append((t / len(views)).cpu())
-        pols.append((p / len(views)).cpu())
-    if not types:
-        return torch.zeros(0, 24), torch.zeros(0, 2)
-    return torch.cat(types), torch.cat(pols)
+    ``steps`` > 0: exactly that many batches, from as many reshuffled passes as needed (each pass
+    a fresh permutation, batches never straddle two passes, so no chromosome is twice in a batch).
+    """
+    batches: list[torch.Tensor] = []
+    while True:
+        order = torch.randperm(n, generator=generator)
+        batches += [order[i:i + batch] for i in range(0, n, batch) if len(order[i:i + batch]) >= 2]
+        if not steps or len(batches) >= steps:
+            return batches[:steps] if steps else batches
 
 
 def _head_of(phase: Phase) -> str | None:
@@ -352,8 +321,6 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
     training; ``resume=True`` then continues from the batch where it stopped.
     """
     import sys
-
-    from holons.finetune.karyotype.evaluate import evaluate_split
 
     out = Path(out)
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
@@ -374,19 +341,24 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
         save_config(cfg, out / "config.yaml")
         t0 = time.perf_counter()
         data = prepare_data(cfg, manifest, progress=progress)
-        log.info("data: train %d, val %d, test %d chromosomes; canvas %d px; skipped %s (%.0f s)",
-                 len(data.train), len(data.val), len(data.test), data.canvas, data.skipped,
-                 time.perf_counter() - t0)
+        log.info("data: train %d, val %d, test %d chromosomes; canvas %d px (%.1f th percentile of the "
+                 "training chromosomes' lengths; %d shrunk to fit); scale %s; skipped %s (%.0f s)",
+                 len(data.train), len(data.val), len(data.test), data.canvas,
+                 data.preprocessing.canvas_percentile, data.train.report.shrunk, data.preprocessing.scale,
+                 data.skipped, time.perf_counter() - t0)
         _write_split(out / "split.csv", data)
         with StopSignal() as stop:
             model = _train_phases(cfg, data, device, out, stop, progress)
         head = final_head(cfg)
-        save_model(model, cfg, data.canvas, head, out / MODEL_DIR)
+        save_model(model, cfg, data.preprocessing, head, out / MODEL_DIR)
         summary = evaluate_split(model, data.test, head, device, out / "eval", dispatch=cfg.dispatch,
                                  seed=cfg.data.split_seed, batch_size=cfg.train.eval_batch_size,
                                  hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip)
         summary.update({"train_chromosomes": len(data.train), "val_chromosomes": len(data.val),
-                        "canvas": data.canvas, "skipped": data.skipped,
+                        "canvas": data.canvas, "shrunk_to_fit_canvas": {
+                            name: part.report.shrunk for name, part in
+                            (("train", data.train), ("val", data.val), ("test", data.test))},
+                        "skipped": data.skipped,
                         "train_seconds": round(time.perf_counter() - t0, 1)})
         with atomic_write(out / "eval" / "metrics.json", "w") as f:
             json.dump(summary, f, indent=2)
@@ -431,7 +403,7 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
             te = time.perf_counter()
             gen = torch.Generator().manual_seed(int(cfg.train.seed * 1_000_003 + index * 1009 + epoch))
             total, count = 0.0, 0
-            batches = shuffled_batches(len(data.train), cfg.train.batch_size, gen)
+            batches = shuffled_batches(len(data.train), cfg.train.batch_size, gen, cfg.train.epoch_steps)
             warmup = min(cfg.train.warmup_steps, len(batches))
             done = 0
             if state is not None and epoch == start and "batches_done" in state:  # resumed mid-epoch
@@ -561,8 +533,9 @@ def _write_split(path: Path, data: PreparedData) -> None:
 
 
 # --------------------------------------------------------------------------- model folder
-def save_model(model: VarifocalNet, cfg: KaryotypeConfig, canvas: int, head: str, folder: Path) -> None:
-    """``model.safetensors`` + ``karyotype.json`` (config, canvas, stain, sizes, head)."""
+def save_model(model: VarifocalNet, cfg: KaryotypeConfig, preprocessing: Preprocessing, head: str,
+               folder: Path) -> None:
+    """``model.safetensors`` + ``karyotype.json`` (config, preprocessing, sizes, head)."""
     from safetensors.torch import save_file
 
     from holons.files import atomic_path
@@ -570,8 +543,9 @@ def save_model(model: VarifocalNet, cfg: KaryotypeConfig, canvas: int, head: str
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    meta = {"format": "holons-karyotype/1", "config": to_dict(cfg), "canvas": canvas,
-            "stain": cfg.data.stain, "input_size": cfg.data.input_size, "source_size": cfg.data.source_size,
+    meta = {"format": "holons-karyotype/2", "config": to_dict(cfg), "preprocessing": preprocessing.to_json(),
+            "canvas": preprocessing.canvas, "stain": preprocessing.stain, "input_size": cfg.data.input_size,
+            "source_size": cfg.data.source_size,
             "head": head, "classes": [str(k) for k in range(1, 23)] + ["X", "Y"],
             "torch": str(torch.__version__), "python": platform.python_version()}
     with atomic_write(folder / META_FILE, "w") as f:
@@ -598,4 +572,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         if key in model.state_dict():
             state.setdefault(key, torch.tensor([0.0, 1.0]))
     model.load_state_dict(state)
+    if "preprocessing" not in meta:  # folders of format 1 recorded the canvas and the stain only
+        meta["preprocessing"] = Preprocessing(stain=meta["stain"], canvas=meta["canvas"]).to_json()
     return model.to(device).eval(), meta
