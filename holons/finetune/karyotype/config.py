@@ -13,7 +13,7 @@ Variant = Literal["varifocal", "g_only", "l_whole"]
 BoxGradient = Literal["mask", "sampling"]
 DispatchMethod = Literal["none", "greedy", "optimal"]
 LrSchedule = Literal["step", "cosine"]
-OutputHead = Literal["auto", "g", "l", "fusion", "mean"]
+OutputHead = Literal["auto", "best", "g", "l", "fusion", "mean"]
 
 
 @dataclass
@@ -81,7 +81,9 @@ class KaryotypeModelConfig:
     bilinear crop with respect to its coordinates (as in spatial transformers). On pki-3 the mask
     gradient drove every localizer refinement to chance, the sampling gradient did not (RESULTS.md).
     ``output_head``: the head the trained model reports and ``predict`` uses; ``auto`` = the last
-    trained of fusion, L-Net, G-Net (the design's); ``mean`` averages the G and L probabilities.
+    trained of fusion, L-Net, G-Net (the design's); ``mean`` averages the G and L probabilities;
+    ``best``: the trained head with the best validation type accuracy, chosen after training and
+    recorded with the model (a failed sub-net then cannot drag a ``mean`` head down).
     """
 
     variant: Variant = "varifocal"

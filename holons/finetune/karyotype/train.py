@@ -90,16 +90,26 @@ def schedule(cfg: KaryotypeConfig) -> list[Phase]:
     return [p for p in phases if p.epochs > 0]
 
 
-def final_head(cfg: KaryotypeConfig) -> str:
-    """The head whose predictions the trained model reports: ``model.output_head``, or with ``auto``
-    fusion, else L-Net, else G-Net. A head whose steps the schedule does not train is refused."""
+def trained_heads(cfg: KaryotypeConfig) -> list[str]:
+    """The heads the schedule trains, in the order :func:`best_head` prefers on a tie."""
     names = {p.name.split("_")[0] for p in schedule(cfg)}
     trained = {"g": "gnet" in names, "l": "lnet" in names, "fusion": "fusion" in names}
     trained["mean"] = trained["g"] and trained["l"]
+    return [h for h in ("mean", "fusion", "l", "g") if trained[h]]
+
+
+def final_head(cfg: KaryotypeConfig) -> str:
+    """The head whose predictions the trained model reports: ``model.output_head``, or with ``auto``
+    fusion, else L-Net, else G-Net; ``best`` is decided after training on the validation split
+    (:func:`best_head`). A head whose steps the schedule does not train is refused."""
+    names = {p.name.split("_")[0] for p in schedule(cfg)}
+    heads = trained_heads(cfg)
     head = cfg.model.output_head
     if head == "auto":
-        return "fusion" if trained["fusion"] else "l" if trained["l"] else "g"
-    if not trained[head]:
+        return "fusion" if "fusion" in heads else "l" if "l" in heads else "g"
+    if head == "best":
+        return head
+    if head not in heads:
         raise ConfigError(f"model.output_head={head}: the schedule does not train it (variant "
                           f"{cfg.model.variant}, steps {', '.join(sorted(names)) or 'none'})")
     return head
@@ -308,6 +318,27 @@ def shuffled_batches(n: int, batch: int, generator: torch.Generator, steps: int 
             return batches[:steps] if steps else batches
 
 
+def best_head(model: VarifocalNet, cfg: KaryotypeConfig, val: KaryotypeDataset,
+              device: torch.device) -> tuple[str, dict]:
+    """The trained head with the best validation type accuracy (test-time flips as configured),
+    and every head's accuracy.
+
+    An average of two heads is only as good as its weaker member lets it be: a sub-net that failed
+    (say, an L-Net whose crops miss the chromosome on another lab's framing) makes the ``mean``
+    head's per-chromosome argmax collapse, while per-case dispatch, which reads relative
+    probabilities, still looks fine. Choosing on validation catches that.
+    """
+    heads = trained_heads(cfg)
+    if len(val) == 0:
+        return heads[0], {}
+    scores = {}
+    for head in heads:
+        types, _ = predict_dataset(model, val, head, device, cfg.train.eval_batch_size,
+                                   hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip)
+        scores[head] = float((types.argmax(1) == val.labels).float().mean())
+    return max(heads, key=lambda h: scores[h]), scores
+
+
 def _head_of(phase: Phase) -> str | None:
     return {"g": "g", "l": "l", "fusion": "fusion"}.get(phase.loss)
 
@@ -349,12 +380,17 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
         _write_split(out / "split.csv", data)
         with StopSignal() as stop:
             model = _train_phases(cfg, data, device, out, stop, progress)
-        head = final_head(cfg)
+        head, head_scores = final_head(cfg), {}
+        if head == "best":
+            head, head_scores = best_head(model, cfg, data.val, device)
+            log.info("head chosen on validation: %s (type accuracy %s)", head,
+                     ", ".join(f"{h} {a:.4f}" for h, a in head_scores.items()))
         save_model(model, cfg, data.preprocessing, head, out / MODEL_DIR)
         summary = evaluate_split(model, data.test, head, device, out / "eval", dispatch=cfg.dispatch,
                                  seed=cfg.data.split_seed, batch_size=cfg.train.eval_batch_size,
                                  hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip)
         summary.update({"train_chromosomes": len(data.train), "val_chromosomes": len(data.val),
+                        "val_type_accuracy_by_head": head_scores,
                         "canvas": data.canvas, "shrunk_to_fit_canvas": {
                             name: part.report.shrunk for name, part in
                             (("train", data.train), ("val", data.val), ("test", data.test))},
