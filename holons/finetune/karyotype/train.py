@@ -552,15 +552,21 @@ def save_model(model: VarifocalNet, cfg: KaryotypeConfig, preprocessing: Preproc
         json.dump(meta, f, indent=2)
 
 
+def model_folder(folder: str | Path) -> Path:
+    """The model folder itself, or ``folder/model`` when ``folder`` is a run folder holding one."""
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file() and (folder / MODEL_DIR / META_FILE).is_file():
+        return folder / MODEL_DIR
+    return folder
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VarifocalNet, dict]:
     """Load a model folder written by :func:`save_model` (``folder`` may also be the run dir)."""
     from safetensors.torch import load_file
 
     from holons.config import load_config
 
-    folder = Path(folder)
-    if not (folder / META_FILE).is_file() and (folder / MODEL_DIR / META_FILE).is_file():
-        folder = folder / MODEL_DIR
+    folder = model_folder(folder)
     if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise HolonsError(f"{folder} is not a karyotype model folder (needs {META_FILE} and {WEIGHTS_FILE})")
     meta = json.loads((folder / META_FILE).read_text())
