@@ -360,6 +360,8 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
                             (("train", data.train), ("val", data.val), ("test", data.test))},
                         "skipped": data.skipped,
                         "train_seconds": round(time.perf_counter() - t0, 1)})
+        if cfg.train.dispatcher_steps:
+            summary.update(_fit_dispatcher(model, cfg, data, head, device, out))
         with atomic_write(out / "eval" / "metrics.json", "w") as f:
             json.dump(summary, f, indent=2)
         log.info("test: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
@@ -367,6 +369,25 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _fit_dispatcher(model: VarifocalNet, cfg: KaryotypeConfig, data: PreparedData, head: str,
+                    device: torch.device, out: Path) -> dict:
+    """``train.dispatcher_steps``: fit the learned dispatcher on the run's own data (already in
+    memory) and return its test metrics under ``label_metrics``' names."""
+    from holons.finetune.karyotype.dispatch import LEARNED_METHODS
+    from holons.finetune.karyotype.fit_dispatch import fit_on_datasets
+
+    datasets = {"train": data.train, "val": data.val, "test": data.test}
+    report = fit_on_datasets(model, datasets, out / MODEL_DIR, out / "eval", head=head,
+                             hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip,
+                             batch_size=cfg.train.eval_batch_size, steps=cfg.train.dispatcher_steps,
+                             seed=cfg.train.seed, device=device)
+    found = {"dispatcher_val_accuracy": report["val_accuracy"]}
+    for method in LEARNED_METHODS:
+        for key, value in report["methods"].get(method, {}).items():
+            found[f"{key}_{method}"] = value
+    return found
 
 
 def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device, out: Path,
