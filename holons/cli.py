@@ -443,7 +443,7 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
     d = ks.add_parser("fit-dispatch", help="train a run's learned per-cell dispatcher and compare it with "
                       "the rule-based dispatch on the test split")
     d.add_argument("--run", type=Path, required=True, help="run folder written by `karyotype train`")
-    d.add_argument("--data", type=Path, required=True,
+    d.add_argument("--data", type=Path, required=True, metavar="MANIFEST",
                    help="the manifest CSV the run was trained on (its split.csv rows are looked up in it)")
     d.add_argument("--steps", type=int, default=600, help="optimizer steps of the dispatcher (default 600)")
     d.add_argument("--seed", type=int, default=0, help="seed of the dispatcher's training (default 0)")
