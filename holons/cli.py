@@ -413,7 +413,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- karyotype
 def _add_karyotype(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("karyotype", help="chromosome karyotyping: train, predict per case, karyogram")
+    p = sub.add_parser("karyotype", help="chromosome karyotyping: train, fit a learned dispatcher, predict "
+                       "per case, karyogram")
     ks = p.add_subparsers(dest="action", required=True)
     t = ks.add_parser("train", help="train the Varifocal G-Net / L-Net and evaluate it on the test split")
     t.add_argument("--config", type=Path, default=None,
@@ -430,12 +431,24 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data", type=Path, required=True,
                    help="manifest CSV or folder of images (one folder per case)")
     r.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and cases/*.json")
-    r.add_argument("--dispatch", choices=["none", "greedy", "optimal"], default="optimal",
+    r.add_argument("--dispatch", choices=["none", "greedy", "optimal", "learned", "learned_then_optimal"],
+                   default="optimal",
                    help="per-case consistency rule for dispatched_class_1to24: optimal assignment to the "
-                        "46 slots (default), the paper's greedy rule, or none (each chromosome's top type)")
+                        "46 slots (default), the paper's greedy rule, none (each chromosome's top type), "
+                        "learned (the model's learned per-cell dispatcher, see fit-dispatch) or "
+                        "learned_then_optimal (the optimal assignment on the learned dispatcher's output)")
     r.add_argument("--batch-size", type=int, default=256,
                    help="chromosomes per forward pass (memory only; the predictions do not depend on it)")
     r.set_defaults(func=_cmd_karyotype_predict)
+    d = ks.add_parser("fit-dispatch", help="train a run's learned per-cell dispatcher and compare it with "
+                      "the rule-based dispatch on the test split")
+    d.add_argument("--run", type=Path, required=True, help="run folder written by `karyotype train`")
+    d.add_argument("--data", type=Path, required=True, metavar="MANIFEST",
+                   help="the manifest CSV the run was trained on (its split.csv rows are looked up in it)")
+    d.add_argument("--steps", type=int, default=600, help="optimizer steps of the dispatcher (default 600)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the dispatcher's training (default 0)")
+    d.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    d.set_defaults(func=_cmd_karyotype_fit_dispatch)
     g = ks.add_parser("karyogram", help="draw one case's karyogram from predictions")
     g.add_argument("--predictions", type=Path, required=True, help="folder written by `karyotype predict`")
     g.add_argument("--case", required=True, help="case id")
@@ -477,6 +490,16 @@ def _cmd_karyotype_predict(args: argparse.Namespace) -> int:
               f"{m[f'type_accuracy_{args.dispatch}']:.4f}, "
               f"per case {m[f'case_accuracy_{args.dispatch}']:.4f} "
               f"(all metrics in {args.out / 'metrics.json'})")
+    return 0
+
+
+def _cmd_karyotype_fit_dispatch(args: argparse.Namespace) -> int:
+    from holons.finetune.karyotype.fit_dispatch import REPORT_FILE, fit_learned_dispatch, format_report
+
+    report = fit_learned_dispatch(args.run, args.data, steps=args.steps, seed=args.seed, device=args.device)
+    print(format_report(report))
+    print(f"saved the dispatcher into the model folder; wrote {args.run / 'eval' / REPORT_FILE} "
+          "(use it with `holons karyotype predict --dispatch learned`)")
     return 0
 
 

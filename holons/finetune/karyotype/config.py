@@ -129,6 +129,11 @@ class KaryotypeTrainConfig:
     ``augment_degrees`` of rotation, ``augment_scale`` of isotropic scale and ``augment_translate``
     of the side in shift (all 0: off); CutMix with foreground-area label mixing
     (``cutmix_prob``).
+
+    ``dispatcher_steps`` > 0 fits a learned per-cell dispatcher after the model is saved and
+    evaluated (as ``holons karyotype fit-dispatch`` does, with that many steps, seeded by ``seed``):
+    it is saved into the model folder, ``eval/learned_dispatch.json`` compares it with the rules, and
+    the run's summary gains the ``*_learned`` and ``*_learned_then_optimal`` metrics; 0: off.
     """
 
     gnet_epochs: int = 10
@@ -158,6 +163,7 @@ class KaryotypeTrainConfig:
     test_time_hflip: bool = False
     test_time_vflip: bool = False
     val_every: int = 1
+    dispatcher_steps: int = 0
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -169,6 +175,8 @@ class KaryotypeTrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0")
         if self.epoch_steps < 0:
             raise ConfigError("train.epoch_steps must be >= 0 (0: one pass over the data per epoch)")
+        if self.dispatcher_steps < 0:
+            raise ConfigError("train.dispatcher_steps must be >= 0 (0: no learned dispatcher)")
         if self.warmup_steps < 0:
             raise ConfigError("train.warmup_steps must be >= 0")
         if self.batch_size < 2:

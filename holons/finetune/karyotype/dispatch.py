@@ -13,6 +13,11 @@ Two rules, both on an ``n x 24`` table of probabilities (types 0..21 autosomes, 
 The sex is inferred from the likelihoods of the XX and XY assignments (with its confidence), and
 abnormal counts are named: trisomy / monosomy / missing per autosome, and the sex-chromosome
 complement when X + Y != 2.
+
+The learned methods (``LEARNED_METHODS``) take the refined probabilities of a trained per-cell
+dispatcher (:mod:`~holons.finetune.karyotype.learned_dispatch`, computed over the whole cell from the
+chromosomes' features): ``learned`` keeps their top type, ``learned_then_optimal`` runs the optimal
+assignment on them; the sex is then inferred from the refined probabilities.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from holons.finetune.karyotype.data import CLASS_NAMES, NUM_TYPES
 X, Y = 22, 23
 _EPS = 1e-12
 METHODS = ("none", "greedy", "optimal")
+"""The rules that need only the classifier's probabilities."""
+LEARNED_METHODS = ("learned", "learned_then_optimal")
+"""The methods that need a trained per-cell dispatcher's refined probabilities."""
+ALL_METHODS = METHODS + LEARNED_METHODS
 
 
 @dataclass
@@ -122,19 +131,32 @@ def count_warnings(labels: np.ndarray) -> list[str]:
     return out
 
 
-def dispatch_case(probs: np.ndarray, method: str = "optimal") -> DispatchResult:
-    """Dispatch one case with ``method`` (``none``, ``greedy`` or ``optimal``) and describe it."""
-    if method not in METHODS:
-        raise ValueError(f"dispatch method must be one of {METHODS}, got {method!r}")
+def dispatch_case(probs: np.ndarray, method: str = "optimal", *,
+                  refined: np.ndarray | None = None) -> DispatchResult:
+    """Dispatch one case with ``method`` (one of ``ALL_METHODS``) and describe it.
+
+    ``refined``: the learned dispatcher's refined probabilities of the same chromosomes (same rows),
+    required by the learned methods and ignored by the others. What dispatch ``changed`` is always
+    measured against the classifier's top type (``probs``).
+    """
+    if method not in ALL_METHODS:
+        raise ValueError(f"dispatch method must be one of {ALL_METHODS}, got {method!r}")
     p = _check(probs)
     top = p.argmax(1)
+    basis = p
+    if method in LEARNED_METHODS:
+        if refined is None:
+            raise ValueError(f"dispatch method {method!r} needs a learned dispatcher's refined probabilities")
+        basis = _check(refined)
+        if basis.shape != p.shape:
+            raise ValueError(f"refined probabilities {basis.shape} do not match the probabilities {p.shape}")
     if method == "greedy":
         labels = greedy_dispatch(p)
-    elif method == "optimal":
-        labels = optimal_dispatch(p)
+    elif method in ("optimal", "learned_then_optimal"):
+        labels = optimal_dispatch(basis)
     else:
-        labels = top.copy()
-    sex, confidence, _ = infer_sex(p) if len(p) else ("", 0.0, {})
+        labels = basis.argmax(1)
+    sex, confidence, _ = infer_sex(basis) if len(p) else ("", 0.0, {})
     counts = count_types(labels)
     changed = [{"index": int(i), "from": CLASS_NAMES[top[i]], "to": CLASS_NAMES[labels[i]]}
                for i in np.flatnonzero(labels != top)]

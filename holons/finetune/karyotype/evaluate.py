@@ -8,6 +8,10 @@ predict on a run's own test images reproduces these numbers.
 Polarity protocol: stored images are mostly upright, so for ``polarity_accuracy`` each test image
 is flipped upside down with probability 1/2 (a generator seeded by ``seed``; the polarity label
 swaps) in a second pass.
+
+With ``refined`` (a learned per-cell dispatcher's refined probabilities, see
+:func:`~holons.finetune.karyotype.learned_dispatch.refined_probabilities`), :func:`label_metrics`
+also reports the learned methods (``*_learned``, ``*_learned_then_optimal``).
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ import torch
 
 from holons.files import atomic_write
 from holons.finetune.karyotype.data import CLASS_NAMES, NUM_TYPES, KaryotypeDataset
-from holons.finetune.karyotype.dispatch import METHODS, dispatch_case
+from holons.finetune.karyotype.dispatch import LEARNED_METHODS, METHODS, dispatch_case
 from holons.finetune.karyotype.inference import predict_dataset
 
 
-def per_case_scores(table: pd.DataFrame, probs: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """Dispatched labels per row and each case's fraction of correct types (one entry per case)."""
+def per_case_scores(table: pd.DataFrame, probs: np.ndarray, method: str,
+                    refined: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dispatched labels per row and each case's fraction of correct types (one entry per case);
+    ``refined``: the learned dispatcher's refined probabilities (rows as ``probs``), for the learned
+    methods."""
     labels = np.empty(len(table), dtype=int)
     fractions = []
     for _, idx in table.groupby("case_id", sort=True).indices.items():
-        labels[idx] = dispatch_case(probs[idx], method).labels
+        labels[idx] = dispatch_case(probs[idx], method,
+                                    refined=None if refined is None else refined[idx]).labels
         fractions.append(float((labels[idx] == table["label"].to_numpy()[idx]).mean()))
     return labels, np.asarray(fractions)
 
@@ -63,11 +71,13 @@ def confusion_png(true: np.ndarray, pred: np.ndarray, path: Path, title: str = "
 
 
 def label_metrics(table: pd.DataFrame, probs: np.ndarray, polarity_probs: np.ndarray,
-                  polarity: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
+                  polarity: np.ndarray | None = None, refined: np.ndarray | None = None
+                  ) -> tuple[dict, pd.DataFrame]:
     """Metrics of type probabilities against ``table["label"]`` (and of polarity probabilities
     against ``polarity`` where known): accuracy, macro F1, and per dispatch method the per-case
-    accuracy, the share of fully correct cases and the dispatched per-chromosome accuracy. Also
-    returns the per-chromosome frame (``path, case_id, label, pred_label, ... dispatched_<method>``).
+    accuracy, the share of fully correct cases and the dispatched per-chromosome accuracy (the
+    rule-based methods always, the learned ones when ``refined`` is given). Also returns the
+    per-chromosome frame (``path, case_id, label, pred_label, ... dispatched_<method>``).
     """
     from sklearn.metrics import f1_score
 
@@ -88,8 +98,8 @@ def label_metrics(table: pd.DataFrame, probs: np.ndarray, polarity_probs: np.nda
         frame["true_polarity"] = polarity
         summary["polarity_accuracy"] = (float((polarity_probs.argmax(1)[known] == polarity[known]).mean())
                                         if known.any() else None)
-    for method in METHODS:
-        labels, fractions = per_case_scores(table, probs, method)
+    for method in METHODS + (LEARNED_METHODS if refined is not None else ()):
+        labels, fractions = per_case_scores(table, probs, method, refined)
         summary[f"case_accuracy_{method}"] = float(fractions.mean())
         summary[f"cases_fully_correct_{method}"] = float((fractions == 1.0).mean())
         summary[f"type_accuracy_{method}"] = float((labels == true).mean())

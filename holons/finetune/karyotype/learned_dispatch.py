@@ -242,6 +242,12 @@ def save_cell_dispatcher(model: CellDispatcher, folder: str | Path) -> None:
         json.dump(meta, f, indent=2)
 
 
+def has_cell_dispatcher(folder: str | Path) -> bool:
+    """Whether ``folder`` holds the two files :func:`save_cell_dispatcher` writes."""
+    folder = Path(folder)
+    return (folder / WEIGHTS_FILE).is_file() and (folder / META_FILE).is_file()
+
+
 def load_cell_dispatcher(folder: str | Path, device: str | torch.device = "cpu") -> CellDispatcher:
     """Load a folder written by :func:`save_cell_dispatcher`; the model is in eval mode."""
     from safetensors.torch import load_file

@@ -213,13 +213,36 @@ class VarifocalNet(nn.Module):
         """Type and polarity logits of the chosen head: ``g``, ``l``, ``fusion``, or ``mean`` (the
         average of the G and L heads' probabilities, as log-probabilities: an ensemble that needs no
         training, against which the learned fusion can be judged)."""
+        type_logits, polarity_logits, _ = self._head_outputs(source, head, features=False)
+        return type_logits, polarity_logits
+
+    @torch.no_grad()
+    def predict_features(self, source: torch.Tensor,
+                         head: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`predict_logits` plus the pooled features ``N x D``: G-Net's, concatenated with the
+        L-Net's when the model has one (what the learned per-cell dispatcher reads). The logits are
+        those of :meth:`predict_logits`, computed the same way."""
+        type_logits, polarity_logits, feats = self._head_outputs(source, head, features=True)
+        assert feats is not None
+        return type_logits, polarity_logits, feats
+
+    def _head_outputs(self, source: torch.Tensor, head: str,
+                      features: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        parts = {"g": ("g",), "mean": ("g", "l"), "fusion": ("l", "fusion")}.get(head, ("l",))
+        if features and self.has_lnet and "l" not in parts:
+            parts += ("l",)
+        out = self(source, parts)
         if head == "g":
-            out = self(source, ("g",))
-            return out["g_type"], out["g_polarity"]
-        if head == "mean":
-            out = self(source, ("g", "l"))
-            return tuple(torch.logsumexp(torch.stack([F.log_softmax(out[f"g_{k}"], 1),
-                                                      F.log_softmax(out[f"l_{k}"], 1)]), 0) - math.log(2.0)
-                         for k in ("type", "polarity"))
-        out = self(source, ("l", "fusion") if head == "fusion" else ("l",))
-        return (out["type"], out["polarity"]) if head == "fusion" else (out["l_type"], out["l_polarity"])
+            logits = out["g_type"], out["g_polarity"]
+        elif head == "mean":
+            logits = tuple(torch.logsumexp(torch.stack([F.log_softmax(out[f"g_{k}"], 1),
+                                                        F.log_softmax(out[f"l_{k}"], 1)]), 0) - math.log(2.0)
+                           for k in ("type", "polarity"))
+        elif head == "fusion":
+            logits = out["type"], out["polarity"]
+        else:
+            logits = out["l_type"], out["l_polarity"]
+        feats = None
+        if features:
+            feats = torch.cat([out["g_feat"], out["l_feat"]], 1) if self.has_lnet else out["g_feat"]
+        return logits[0], logits[1], feats

@@ -8,6 +8,10 @@ has labels, ``metrics.json`` + ``confusion.png``: the same metrics, computed by 
 the training run's own test evaluation (polarity here on the images as given). Preprocessing,
 head and test-time flips are the ones recorded with the model. Cases are named by their ids only;
 nothing else about a patient is written.
+
+When the model folder holds a learned per-cell dispatcher (``holons karyotype fit-dispatch``), the
+``learned`` and ``learned_then_optimal`` dispatch methods are available and the metrics also report
+them (``*_learned``, ``*_learned_then_optimal``); without one they are refused in one line.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ import pandas as pd
 from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.karyotype.data import KaryotypeDataset, load_table
-from holons.finetune.karyotype.dispatch import METHODS, dispatch_case
+from holons.finetune.karyotype.dispatch import ALL_METHODS, LEARNED_METHODS, dispatch_case
 from holons.finetune.karyotype.evaluate import label_metrics, write_metrics
-from holons.finetune.karyotype.inference import predict_dataset
+from holons.finetune.karyotype.fit_dispatch import NO_DISPATCHER, load_dispatcher, refine
+from holons.finetune.karyotype.inference import predict_dataset, predict_with_features
+from holons.finetune.karyotype.learned_dispatch import has_cell_dispatcher
 from holons.finetune.karyotype.preprocess import Preprocessing
-from holons.finetune.karyotype.train import load_model, resolve_device
+from holons.finetune.karyotype.train import load_model, model_folder, resolve_device
 
 PREDICTIONS = "predictions.csv"
 INFO = "predict_info.json"
@@ -44,8 +50,11 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
     """Run a trained model on a manifest or a folder (one sub-folder per case); see module doc."""
     import sys
 
-    if dispatch not in METHODS:
-        raise HolonsError(f"dispatch must be one of {', '.join(METHODS)}, got {dispatch!r}")
+    if dispatch not in ALL_METHODS:
+        raise HolonsError(f"dispatch must be one of {', '.join(ALL_METHODS)}, got {dispatch!r}")
+    learned = has_cell_dispatcher(model_folder(model_dir))
+    if dispatch in LEARNED_METHODS and not learned:
+        raise HolonsError(NO_DISPATCHER)
     if progress is None:
         progress = sys.stderr.isatty()
     dev = resolve_device(device)
@@ -59,11 +68,17 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
         first = ds.report.skipped[0]
         raise HolonsError(f"{data}: none of the {len(table)} chromosome images could be read "
                           f"(first: {first[0]}: {first[1]})")
-    types, pols = predict_dataset(model, ds, meta["head"], dev, batch_size,
-                                  hflip=bool(meta["config"]["train"].get("test_time_hflip", False)),
-                                  vflip=bool(meta["config"]["train"].get("test_time_vflip", False)))
-    probs = types.numpy().astype(np.float64)
+    flips = {"hflip": bool(meta["config"]["train"].get("test_time_hflip", False)),
+             "vflip": bool(meta["config"]["train"].get("test_time_vflip", False))}
     t = ds.table
+    refined = None
+    if learned:  # one pass for the probabilities and the dispatcher's features
+        prediction = predict_with_features(model, ds, meta["head"], dev, batch_size, **flips)
+        types, pols = prediction.types, prediction.polarity
+        refined = refine(load_dispatcher(model_dir, dev), prediction, t["case_id"])
+    else:
+        types, pols = predict_dataset(model, ds, meta["head"], dev, batch_size, **flips)
+    probs = types.numpy().astype(np.float64)
     frame = pd.DataFrame({
         "path": t["path"], "case_id": t["case_id"], "pred_class_1to24": probs.argmax(1) + 1,
         "pred_polarity": pols.numpy().argmax(1), "p_top": probs.max(1).round(5),
@@ -75,7 +90,7 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
     (out / CASES).mkdir(parents=True, exist_ok=True)
     with_warnings = 0
     for case, idx in t.groupby("case_id", sort=True).indices.items():
-        result = dispatch_case(probs[idx], dispatch)
+        result = dispatch_case(probs[idx], dispatch, refined=None if refined is None else refined[idx])
         frame.loc[idx, "dispatched_class_1to24"] = result.labels + 1
         record = {"case_id": str(case), "chromosomes": int(len(idx)), "dispatch": dispatch,
                   **result.to_json()}
@@ -88,7 +103,7 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
         frame.to_csv(f, index=False)
     metrics = None
     if len(t) and (t["label"] >= 0).all():
-        metrics, per_row = label_metrics(t, probs, pols.numpy(), t["polarity"].to_numpy())
+        metrics, per_row = label_metrics(t, probs, pols.numpy(), t["polarity"].to_numpy(), refined=refined)
         metrics = write_metrics({"head": meta["head"], **metrics}, per_row, out, "metrics.json")
     data_path = Path(data).resolve()
     info = {
@@ -96,7 +111,7 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
         "data_root": str(data_path if data_path.is_dir() else data_path.parent), "stain": prep.stain,
         "preprocessing": prep.to_json(), "canvas": prep.canvas, "shrunk_to_fit_canvas": ds.report.shrunk,
         "head": meta["head"],
-        "dispatch": dispatch,
+        "dispatch": dispatch, "learned_dispatcher": learned,
         "unreadable": [{"path": p, "reason": r} for p, r in ds.report.skipped], "skipped_rows": skipped_rows,
     }
     with atomic_write(out / INFO, "w") as f:

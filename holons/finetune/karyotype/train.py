@@ -396,6 +396,8 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
                             (("train", data.train), ("val", data.val), ("test", data.test))},
                         "skipped": data.skipped,
                         "train_seconds": round(time.perf_counter() - t0, 1)})
+        if cfg.train.dispatcher_steps:
+            summary.update(_fit_dispatcher(model, cfg, data, head, device, out))
         with atomic_write(out / "eval" / "metrics.json", "w") as f:
             json.dump(summary, f, indent=2)
         log.info("test: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
@@ -403,6 +405,25 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _fit_dispatcher(model: VarifocalNet, cfg: KaryotypeConfig, data: PreparedData, head: str,
+                    device: torch.device, out: Path) -> dict:
+    """``train.dispatcher_steps``: fit the learned dispatcher on the run's own data (already in
+    memory) and return its test metrics under ``label_metrics``' names."""
+    from holons.finetune.karyotype.dispatch import LEARNED_METHODS
+    from holons.finetune.karyotype.fit_dispatch import fit_on_datasets
+
+    datasets = {"train": data.train, "val": data.val, "test": data.test}
+    report = fit_on_datasets(model, datasets, out / MODEL_DIR, out / "eval", head=head,
+                             hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip,
+                             batch_size=cfg.train.eval_batch_size, steps=cfg.train.dispatcher_steps,
+                             seed=cfg.train.seed, device=device)
+    found = {"dispatcher_val_accuracy": report["val_accuracy"]}
+    for method in LEARNED_METHODS:
+        for key, value in report["methods"].get(method, {}).items():
+            found[f"{key}_{method}"] = value
+    return found
 
 
 def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device, out: Path,
@@ -588,15 +609,21 @@ def save_model(model: VarifocalNet, cfg: KaryotypeConfig, preprocessing: Preproc
         json.dump(meta, f, indent=2)
 
 
+def model_folder(folder: str | Path) -> Path:
+    """The model folder itself, or ``folder/model`` when ``folder`` is a run folder holding one."""
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file() and (folder / MODEL_DIR / META_FILE).is_file():
+        return folder / MODEL_DIR
+    return folder
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VarifocalNet, dict]:
     """Load a model folder written by :func:`save_model` (``folder`` may also be the run dir)."""
     from safetensors.torch import load_file
 
     from holons.config import load_config
 
-    folder = Path(folder)
-    if not (folder / META_FILE).is_file() and (folder / MODEL_DIR / META_FILE).is_file():
-        folder = folder / MODEL_DIR
+    folder = model_folder(folder)
     if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise HolonsError(f"{folder} is not a karyotype model folder (needs {META_FILE} and {WEIGHTS_FILE})")
     meta = json.loads((folder / META_FILE).read_text())
