@@ -26,8 +26,8 @@ from holons.eval.results import format_table, json_safe
 from holons.files import atomic_write
 from holons.finetune.karyotype.data import KaryotypeDataset, load_table
 from holons.finetune.karyotype.evaluate import evaluate_split
+from holons.finetune.karyotype.model_folder import load_model, resolve_device
 from holons.finetune.karyotype.preprocess import Preprocessing
-from holons.finetune.karyotype.train import load_model, resolve_device
 
 KEYS = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", "case_accuracy_greedy",
         "case_accuracy_optimal", "cases_fully_correct_optimal")

@@ -22,12 +22,12 @@ import yaml
 from holons.config import load_config
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import random_flips
+from holons.finetune.karyotype.losses import phase_loss
 from holons.finetune.karyotype.model import VarifocalNet
+from holons.finetune.karyotype.schedule import schedule
 from holons.finetune.karyotype.train import (
     load_checkpoint,
-    phase_loss,
     prepare_data,
-    schedule,
     set_trainable,
     shuffled_batches,
     validate_phase,

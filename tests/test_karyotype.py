@@ -44,7 +44,7 @@ from holons.finetune.karyotype.model import (
     varifocal_zoom,
 )
 from holons.finetune.karyotype.preprocess import Preprocessing, chromosome_crop, network_input
-from holons.finetune.karyotype.train import final_head, schedule
+from holons.finetune.karyotype.schedule import final_head, schedule
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
 REEVAL = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_reeval.py"
@@ -378,7 +378,8 @@ def test_varifocal_schedule_runs_and_resumes(synthetic, tmp_path):
     torch.set_num_threads(1)
     over = ["model.variant=varifocal", "data.input_size=32", "data.max_train_cases=4", "train.gnet_epochs=1",
             "train.lnet_epochs=1", "train.fusion_epochs=1", "train.cutmix_prob=0.5"]
-    from holons.finetune.karyotype.train import load_model, train_karyotype
+    from holons.finetune.karyotype.model_folder import load_model
+    from holons.finetune.karyotype.train import train_karyotype
 
     cfg = load_config(KaryotypeConfig, TINY, over)
     summary = train_karyotype(cfg, synthetic, tmp_path / "vf")
@@ -412,7 +413,7 @@ def test_karyogram_slots(tmp_path):
 
 
 def test_chromosome_cutmix_mixes_labels_by_foreground():
-    from holons.finetune.karyotype.train import chromosome_cutmix
+    from holons.finetune.karyotype.losses import chromosome_cutmix
 
     images = torch.zeros(8, 1, 32, 32)
     images[:, :, 4:28, 14:18] = 1.0  # thin chromosomes on a blank canvas: area and foreground differ

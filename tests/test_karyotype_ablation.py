@@ -13,7 +13,7 @@ import pytest
 from holons.config import load_config
 from holons.data.synthetic.karyotypes import generate_karyotypes
 from holons.finetune.karyotype.config import KaryotypeConfig
-from holons.finetune.karyotype.train import final_head
+from holons.finetune.karyotype.schedule import final_head
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_ablation.py"
 _spec = importlib.util.spec_from_file_location("karyotype_ablation", SCRIPT)

@@ -21,8 +21,9 @@ from holons.finetune.karyotype.dispatch import ALL_METHODS, LEARNED_METHODS, dis
 from holons.finetune.karyotype.fit_dispatch import NO_DISPATCHER, REPORT_FILE, split_datasets
 from holons.finetune.karyotype.inference import predict_dataset, predict_with_features
 from holons.finetune.karyotype.learned_dispatch import META_FILE, WEIGHTS_FILE
+from holons.finetune.karyotype.model_folder import load_model
 from holons.finetune.karyotype.predict import predict_karyotypes
-from holons.finetune.karyotype.train import load_model, train_karyotype
+from holons.finetune.karyotype.train import train_karyotype
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
 KEYS = ("type_accuracy", "case_accuracy", "cases_fully_correct")

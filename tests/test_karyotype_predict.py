@@ -11,8 +11,9 @@ import torch
 from holons.config import load_config
 from holons.data.synthetic.karyotypes import generate_karyotypes
 from holons.finetune.karyotype.config import KaryotypeConfig
+from holons.finetune.karyotype.model_folder import load_model
 from holons.finetune.karyotype.predict import predict_karyotypes
-from holons.finetune.karyotype.train import load_model, train_karyotype
+from holons.finetune.karyotype.train import train_karyotype
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
 SAME = ("type_accuracy", "macro_f1", "test_chromosomes", "test_cases", "case_accuracy_none",

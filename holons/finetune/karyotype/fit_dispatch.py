@@ -54,7 +54,7 @@ NO_DISPATCHER = ("this model has no learned dispatcher; run "
 
 def load_dispatcher(folder: str | Path, device: str | torch.device = "cpu") -> CellDispatcher:
     """The learned dispatcher of a model folder (or run folder); a one-line error when it has none."""
-    from holons.finetune.karyotype.train import model_folder
+    from holons.finetune.karyotype.model_folder import model_folder
 
     folder = model_folder(folder)
     if not has_cell_dispatcher(folder):
@@ -150,7 +150,7 @@ def fit_learned_dispatch(run_dir: str | Path, manifest: str | Path, *, steps: in
     module doc) and return the comparison written to ``run_dir/eval/learned_dispatch.json``."""
     import sys
 
-    from holons.finetune.karyotype.train import load_model, model_folder, resolve_device
+    from holons.finetune.karyotype.model_folder import load_model, model_folder, resolve_device
 
     if steps < 1:
         raise HolonsError(f"steps must be >= 1, got {steps}")

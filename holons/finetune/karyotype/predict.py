@@ -31,8 +31,8 @@ from holons.finetune.karyotype.evaluate import label_metrics, write_metrics
 from holons.finetune.karyotype.fit_dispatch import NO_DISPATCHER, load_dispatcher, refine
 from holons.finetune.karyotype.inference import predict_dataset, predict_with_features
 from holons.finetune.karyotype.learned_dispatch import has_cell_dispatcher
+from holons.finetune.karyotype.model_folder import load_model, model_folder, resolve_device
 from holons.finetune.karyotype.preprocess import Preprocessing
-from holons.finetune.karyotype.train import load_model, model_folder, resolve_device
 
 PREDICTIONS = "predictions.csv"
 INFO = "predict_info.json"

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import time
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from holons.config import save_config, to_dict
-from holons.errors import ConfigError, HolonsError
+from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
@@ -55,120 +54,14 @@ from holons.finetune.karyotype.data import (
 )
 from holons.finetune.karyotype.evaluate import evaluate_split
 from holons.finetune.karyotype.inference import predict_dataset
+from holons.finetune.karyotype.losses import phase_loss
 from holons.finetune.karyotype.model import VarifocalNet, box_targets
+from holons.finetune.karyotype.model_folder import MODEL_DIR, resolve_device, save_model
 from holons.finetune.karyotype.preprocess import Preprocessing
+from holons.finetune.karyotype.schedule import Phase, final_head, schedule, trained_heads
 from holons.signals import StopSignal
 
 log = logging.getLogger("holons.karyotype")
-MODEL_DIR = "model"
-META_FILE = "karyotype.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    epochs: int
-    trains: tuple[str, ...]
-    """Module attribute names whose parameters this phase updates."""
-    loss: str
-    """``g``, ``box``, ``l`` or ``fusion``."""
-
-
-def schedule(cfg: KaryotypeConfig) -> list[Phase]:
-    """The phases of ``cfg`` in order (see the module doc), empty ones dropped."""
-    t, variant = cfg.train, cfg.model.variant
-    phases = [Phase("gnet", t.gnet_epochs, ("g_backbone", "g_type", "g_polarity"), "g")]
-    if variant == "varifocal":
-        phases.append(Phase("localizer", t.localizer_epochs, ("localizer",), "box"))
-    if variant != "g_only":
-        for r in range(1, t.lnet_rounds + 1):
-            phases.append(Phase(f"lnet_{r}", t.lnet_epochs, ("l_backbone", "l_type", "l_polarity"), "l"))
-            if variant == "varifocal":
-                phases.append(Phase(f"locrefine_{r}", t.localizer_refine_epochs, ("localizer",), "l"))
-        phases.append(Phase("fusion", t.fusion_epochs, ("fusion_type", "fusion_polarity"), "fusion"))
-    return [p for p in phases if p.epochs > 0]
-
-
-def trained_heads(cfg: KaryotypeConfig) -> list[str]:
-    """The heads the schedule trains, in the order :func:`best_head` prefers on a tie."""
-    names = {p.name.split("_")[0] for p in schedule(cfg)}
-    trained = {"g": "gnet" in names, "l": "lnet" in names, "fusion": "fusion" in names}
-    trained["mean"] = trained["g"] and trained["l"]
-    return [h for h in ("mean", "fusion", "l", "g") if trained[h]]
-
-
-def final_head(cfg: KaryotypeConfig) -> str:
-    """The head whose predictions the trained model reports: ``model.output_head``, or with ``auto``
-    fusion, else L-Net, else G-Net; ``best`` is decided after training on the validation split
-    (:func:`best_head`). A head whose steps the schedule does not train is refused."""
-    names = {p.name.split("_")[0] for p in schedule(cfg)}
-    heads = trained_heads(cfg)
-    head = cfg.model.output_head
-    if head == "auto":
-        return "fusion" if "fusion" in heads else "l" if "l" in heads else "g"
-    if head == "best":
-        return head
-    if head not in heads:
-        raise ConfigError(f"model.output_head={head}: the schedule does not train it (variant "
-                          f"{cfg.model.variant}, steps {', '.join(sorted(names)) or 'none'})")
-    return head
-
-
-# --------------------------------------------------------------------------- losses
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None):
-    """Mean CE against probability targets; rows with ``weight == 0`` do not count."""
-    per = -(target * F.log_softmax(logits, dim=1)).sum(1)
-    if weight is None:
-        return per.mean()
-    return (per * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def chromosome_cutmix(images: torch.Tensor, labels: torch.Tensor, polarity: torch.Tensor,
-                      generator: torch.Generator, prob: float, alpha: float):
-    """CutMix with foreground-area label mixing: lambda = share of the mixed image's foreground
-    (pixels > threshold) that comes from the image itself, not the pasted area.
-
-    Returns images, type targets (N x 24), polarity targets (N x 2), polarity weights (0 where a
-    polarity involved is unknown). Uses :mod:`holons.anatomy.mixing`.
-    """
-    from holons.anatomy.mixing import box_masks, cutmix, foreground_lambda
-
-    n, _, h, w = images.shape
-    mixed = cutmix(images, generator=generator, prob=prob, alpha=alpha)
-    paste = box_masks(mixed.boxes, (h, w))
-    partner_images = images[mixed.partner]
-    lam = foreground_lambda(images, partner_images, paste, threshold=FOREGROUND_THRESHOLD)
-    lam = torch.where(mixed.applied, lam, torch.ones_like(lam))[:, None]
-    type_t = lam * F.one_hot(labels, 24).float() + (1 - lam) * F.one_hot(labels[mixed.partner], 24).float()
-    known = (polarity >= 0) & ((polarity[mixed.partner] >= 0) | ~mixed.applied)
-    pa = F.one_hot(polarity.clamp_min(0), 2).float()
-    pol_t = lam * pa + (1 - lam) * pa[mixed.partner]
-    return mixed.images, type_t, pol_t, known.float()
-
-
-def _targets(labels, polarity):
-    return F.one_hot(labels, 24).float(), F.one_hot(polarity.clamp_min(0), 2).float(), (polarity >= 0).float()
-
-
-def phase_loss(model: VarifocalNet, phase: Phase, images, labels, polarity, cfg: KaryotypeConfig,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """The loss of one batch for ``phase`` (CutMix applied to CE phases when configured)."""
-    w = cfg.train.polarity_weight
-    if phase.loss == "box":
-        out = model(images, ("box",))
-        return F.smooth_l1_loss(out["box"], box_targets(images, FOREGROUND_THRESHOLD), beta=0.05)
-    if generator is not None and cfg.train.cutmix_prob > 0 and phase.name != "fusion" \
-            and not phase.name.startswith("locrefine"):
-        images, type_t, pol_t, pol_w = chromosome_cutmix(images, labels, polarity, generator,
-                                                         cfg.train.cutmix_prob, cfg.train.cutmix_alpha)
-    else:
-        type_t, pol_t, pol_w = _targets(labels, polarity)
-    parts = {"g": ("g",), "l": ("l",), "fusion": ("fusion",)}[phase.loss]
-    out = model(images, parts)
-    key_t, key_p = {"g": ("g_type", "g_polarity"), "l": ("l_type", "l_polarity"),
-                    "fusion": ("type", "polarity")}[phase.loss]
-    return soft_cross_entropy(out[key_t], type_t) + w * soft_cross_entropy(out[key_p], pol_t, pol_w)
 
 
 # --------------------------------------------------------------------------- interruption
@@ -183,15 +76,6 @@ class KaryotypeInterrupted(HolonsError):
 
 
 # --------------------------------------------------------------------------- run dir
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise HolonsError(f"unknown device {name!r}") from e
-
-
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """A fresh or resumable run folder; a non-empty one is refused without resume/overwrite."""
     if resume and overwrite:
@@ -587,54 +471,3 @@ def _write_split(path: Path, data: PreparedData) -> None:
             for name, part in (("train", data.train), ("val", data.val), ("test", data.test))]
     with atomic_write(path, "w") as f:
         pd.concat(rows).to_csv(f, index=False)
-
-
-# --------------------------------------------------------------------------- model folder
-def save_model(model: VarifocalNet, cfg: KaryotypeConfig, preprocessing: Preprocessing, head: str,
-               folder: Path) -> None:
-    """``model.safetensors`` + ``karyotype.json`` (config, preprocessing, sizes, head)."""
-    from safetensors.torch import save_file
-
-    from holons.files import atomic_path
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    meta = {"format": "holons-karyotype/2", "config": to_dict(cfg), "preprocessing": preprocessing.to_json(),
-            "canvas": preprocessing.canvas, "stain": preprocessing.stain, "input_size": cfg.data.input_size,
-            "source_size": cfg.data.source_size,
-            "head": head, "classes": [str(k) for k in range(1, 23)] + ["X", "Y"],
-            "torch": str(torch.__version__), "python": platform.python_version()}
-    with atomic_write(folder / META_FILE, "w") as f:
-        json.dump(meta, f, indent=2)
-
-
-def model_folder(folder: str | Path) -> Path:
-    """The model folder itself, or ``folder/model`` when ``folder`` is a run folder holding one."""
-    folder = Path(folder)
-    if not (folder / META_FILE).is_file() and (folder / MODEL_DIR / META_FILE).is_file():
-        return folder / MODEL_DIR
-    return folder
-
-
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VarifocalNet, dict]:
-    """Load a model folder written by :func:`save_model` (``folder`` may also be the run dir)."""
-    from safetensors.torch import load_file
-
-    from holons.config import load_config
-
-    folder = model_folder(folder)
-    if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise HolonsError(f"{folder} is not a karyotype model folder (needs {META_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads((folder / META_FILE).read_text())
-    cfg = load_config(KaryotypeConfig, None, meta["config"])
-    cfg.model.g_pretrained_dir = cfg.model.l_pretrained_dir = None  # the weights come from the folder
-    model = VarifocalNet(cfg.model, meta["input_size"])
-    state = load_file(str(folder / WEIGHTS_FILE))
-    for key in ("g_norm", "l_norm"):  # folders written before input normalization was recorded
-        if key in model.state_dict():
-            state.setdefault(key, torch.tensor([0.0, 1.0]))
-    model.load_state_dict(state)
-    if "preprocessing" not in meta:  # folders of format 1 recorded the canvas and the stain only
-        meta["preprocessing"] = Preprocessing(stain=meta["stain"], canvas=meta["canvas"]).to_json()
-    return model.to(device).eval(), meta
