@@ -71,6 +71,25 @@ def predict_row(name: str, run: Path, manifest: Path, out: Path) -> dict:
             "test_chromosomes": m["test_chromosomes"], "data": str(manifest)}
 
 
+def markdown_table(results: list[Path]) -> str:
+    """One markdown table of the rows of several ``results_*.json`` files, with each style's delta
+    to its tight-cropped twin."""
+    rows = [r for path in results for r in json.loads(Path(path).read_text())["rows"]]
+    by_row = {r["row"].removeprefix("style:"): r for r in rows}
+    lines = ["| row | type % | polarity % | per case % (optimal) | vs. tight twin (type) | test chromosomes |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["row"].removeprefix("style:")
+        style, _, suffix = name.partition("@")
+        twin = TWIN.get(style)
+        twin_row = by_row.get(twin + ("@" + suffix if suffix else "")) if twin else None
+        delta = f"{100 * (r['type_accuracy'] - twin_row['type_accuracy']):+.1f} vs {twin}" if twin_row else ""
+        pol = "–" if r["polarity_accuracy"] is None else f"{100 * r['polarity_accuracy']:.1f}"
+        lines.append(f"| {name} | {100 * r['type_accuracy']:.1f} | {pol} | "
+                     f"{100 * r['case_accuracy_optimal']:.1f} | {delta} | {r['test_chromosomes']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for data, runs and results.json")
@@ -90,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="data.max_train_cases for the pki-3 run (0: all)")
     p.add_argument("--karyonet", type=Path, default=None, help="karyonet_sample manifest (G-band rows)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--report", type=Path, nargs="*", default=None,
+                   help="only print a markdown table of these results_*.json files")
     args = p.parse_args(argv)
+    if args.report is not None:
+        print(markdown_table(args.report))
+        return 0
 
     base = load_config(KaryotypeConfig, args.config)
     common = [f"train.seed={args.seed}", f"train.threads={args.threads}", f"data.scale={args.scale}"]
