@@ -76,7 +76,7 @@ def markdown_table(results: list[Path]) -> str:
     to its tight-cropped twin."""
     rows = [r for path in results for r in json.loads(Path(path).read_text())["rows"]]
     by_row = {r["row"].removeprefix("style:"): r for r in rows}
-    lines = ["| row | type % | polarity % | per case % (optimal) | vs. tight twin (type) | test chromosomes |",
+    lines = ["| row | type % | polarity % | per case % (optimal) | vs. tight twin | test chromosomes |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         name = r["row"].removeprefix("style:")
