@@ -192,13 +192,13 @@ def test_sigterm_checkpoints_and_exits_cleanly(phantoms, tmp_path):
                              str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.monotonic() + 120
+        # No clock: the run either logs its first step or exits (and the test fails with its output),
+        # and after the signal it either stops or ends its 500 steps (and the exit status shows it).
         while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no training step within 120 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()
