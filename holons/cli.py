@@ -364,7 +364,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, required=True,
                    help="YAML config, e.g. configs/pretrain/cpu_tiny.yaml")
     p.add_argument("--out", type=Path, required=True,
-                   help="run dir (refused when not empty, unless resume=true or overwrite=true)")
+                   help="run dir (one holding a checkpoint is refused unless resume=true or overwrite=true; "
+                   "the leftovers of a run that stopped before its first checkpoint are cleared)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. resume=true data.cache_dir=cache optim.lr=1e-3")
     p.set_defaults(func=_cmd_pretrain)

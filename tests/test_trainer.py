@@ -149,6 +149,37 @@ def test_run_dir_rules_and_config_errors(phantoms, tmp_path):
     assert main(["pretrain", "--config", str(cfg_file), "--out", str(tmp_path / "c"), "views.bogus=1"]) == 2
 
 
+def test_a_run_dir_without_checkpoint_is_reused(phantoms, tmp_path, capsys):
+    """A run that fails before its first checkpoint leaves train.log and checkpoints/ behind; the same
+    command again (after fixing the cause) is not refused: the leftovers are cleared, and said so."""
+    stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
+    run = tmp_path / "run"
+    bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad.write_text(yaml.safe_dump(tiny_config(tmp_path / "no_such_folder", stages)))
+    good.write_text(yaml.safe_dump(tiny_config(phantoms, stages)))
+    assert main(["pretrain", "--config", str(bad), "--out", str(run)]) == 2
+    assert (run / "train.log").is_file() and (run / "checkpoints").is_dir()  # the leftovers
+    (run / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')  # as if it had logged a step
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(good), "--out", str(run)]) == 0
+    log_text = (run / "train.log").read_text()
+    assert "had no checkpoint" in log_text and "cleared its leftovers" in log_text
+    assert "no_such_folder" not in log_text  # the failed run's log went with it
+    assert [r["step"] for r in _metrics(run)] == [1]
+    # now it holds a checkpoint: a run to protect
+    with pytest.raises(HolonsError, match="not empty \\(it holds a checkpoint at step 1\\)"):
+        pretrain(tiny_config(phantoms, stages), run)
+
+
+def test_resume_on_a_new_run_dir_starts_quietly(phantoms, tmp_path, capsys):
+    """resume=true on a new folder (as the demo always passes it) is an ordinary first run."""
+    stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
+    result = pretrain(tiny_config(phantoms, stages, resume=True), tmp_path / "run")
+    assert result.status == "finished" and result.step == 1
+    said = capsys.readouterr().err + (tmp_path / "run" / "train.log").read_text()
+    assert "no checkpoint" not in said and "resume requested" not in said and "resumed" not in said
+
+
 def test_overwrite_and_init_from(phantoms, tmp_path):
     stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
     pretrain(tiny_config(phantoms, stages), tmp_path / "run")
