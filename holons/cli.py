@@ -33,7 +33,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from holons.data.index import format_summary, index_archive, load_site_secret
+    from holons.data.index import format_summary, index_archive, load_site_secret, require_images
 
     secret = load_site_secret(args.secret_file, allow_unkeyed=args.allow_unkeyed_hashes)
     summary = index_archive(
@@ -42,6 +42,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         body_parts=tuple(args.body_part) if args.body_part else None,
         min_size=args.min_size, workers=args.workers, progress=None,
     )
+    require_images(summary)  # an archive without one usable image is an error, not an empty manifest
     print(format_summary(summary))
     return 0
 
@@ -49,7 +50,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- cache
 def _add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="decode every ok image of a manifest once into fixed-size shards")
-    p.add_argument("manifest", type=Path, help="manifest written by `holons index`")
+    p.add_argument("manifest", type=Path,
+                   help="manifest file (.parquet) written by `holons index`, not the archive folder")
     p.add_argument("--out", type=Path, required=True, help="cache folder")
     p.add_argument("--size", type=int, required=True, help="side of the square cached images in pixels")
     p.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8", help="stored pixel type")
@@ -58,7 +60,9 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     p.add_argument("--split-fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
-                   metavar=("TRAIN", "VAL", "TEST"), help="patient-level split shares (default: 0.8 0.1 0.1)")
+                   metavar=("TRAIN", "VAL", "TEST"),
+                   help="patient-level split shares (default: 0.8 0.1 0.1; with a handful of patients "
+                   "use 1 0 0, an empty train split is an error)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--archive-root", type=Path, default=None,
                    help="archive folder when it moved since indexing (default: the one in the manifest)")

@@ -338,6 +338,24 @@ def test_cli_refuses_without_secret_and_runs_unkeyed_when_allowed(archive: Path,
     assert main(["index", str(tmp_path / "nowhere"), "--out", str(out), "--allow-unkeyed-hashes"]) == 2
 
 
+def test_cli_archive_without_a_usable_image_is_an_error(tmp_path: Path, capsys) -> None:
+    """No files, or files none of which is an image kept by the filters: one line, exit 2, folder named."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    common = ["--allow-unkeyed-hashes", "--workers", "1"]
+    assert main(["index", str(empty), "--out", str(tmp_path / "a.parquet"), *common]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "no files found in" in captured.err and str(empty.resolve()) in captured.err
+    (empty / "notes.txt").write_text("not an image\n")
+    assert main(["index", str(empty), "--out", str(tmp_path / "b.parquet"), *common]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "no usable image in" in err and "1 file, none ok (not an image: 1)" in err
+    assert str(tmp_path / "b.parquet") in err and (tmp_path / "b.parquet").is_file()  # reasons kept
+    assert "--modality" not in err  # the filter hint only when a filter dropped files
+
+
 def test_second_concurrent_run_is_refused(archive: Path, tmp_path: Path) -> None:
     fcntl = pytest.importorskip("fcntl")
     out = tmp_path / "m.parquet"
