@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 from holons.cli import demo_steps, main
@@ -64,6 +65,7 @@ def _outputs(out: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(out.rglob("*")) if p.is_file() and p.name != "demo_state.json"}
 
 
+@pytest.mark.slow
 def test_fast_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n", "12", "--fast"]) == 0

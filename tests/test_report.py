@@ -83,6 +83,7 @@ def test_read_loss_curves_skips_a_cut_line(tmp_path):
     assert np.isnan(curves["loss_loc"].iloc[1])
 
 
+@pytest.mark.slow
 def test_compare_report_renders_and_reruns_reuse(tiny, tmp_path, capsys):
     phantoms, run = tiny
     out = tmp_path / "report"

@@ -52,6 +52,7 @@ def _assert_same_tensors(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 def test_twenty_steps_lower_the_loss_without_collapse(phantoms, tmp_path):
     cfg = tiny_config(phantoms, [{"mode": "part_whole", "levels": [0], "steps_per_level": 20}], log_every=4)
     result = pretrain(cfg, tmp_path / "run")
@@ -213,6 +214,7 @@ def test_shipped_configs_load():
         "convnext_base", 65536, 224, 96)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(phantoms, tmp_path):
     stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 500}]
     cfg_file = tmp_path / "long.yaml"
