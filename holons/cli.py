@@ -33,7 +33,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from holons.data.index import format_summary, index_archive, load_site_secret
+    from holons.data.index import format_summary, index_archive, load_site_secret, require_images
 
     secret = load_site_secret(args.secret_file, allow_unkeyed=args.allow_unkeyed_hashes)
     summary = index_archive(
@@ -42,6 +42,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         body_parts=tuple(args.body_part) if args.body_part else None,
         min_size=args.min_size, workers=args.workers, progress=None,
     )
+    require_images(summary)  # an archive without one usable image is an error, not an empty manifest
     print(format_summary(summary))
     return 0
 
@@ -49,7 +50,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- cache
 def _add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="decode every ok image of a manifest once into fixed-size shards")
-    p.add_argument("manifest", type=Path, help="manifest written by `holons index`")
+    p.add_argument("manifest", type=Path,
+                   help="manifest file (.parquet) written by `holons index`, not the archive folder")
     p.add_argument("--out", type=Path, required=True, help="cache folder")
     p.add_argument("--size", type=int, required=True, help="side of the square cached images in pixels")
     p.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8", help="stored pixel type")
@@ -58,7 +60,9 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     p.add_argument("--split-fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
-                   metavar=("TRAIN", "VAL", "TEST"), help="patient-level split shares (default: 0.8 0.1 0.1)")
+                   metavar=("TRAIN", "VAL", "TEST"),
+                   help="patient-level split shares (default: 0.8 0.1 0.1; with a handful of patients "
+                   "use 1 0 0, an empty train split is an error)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--archive-root", type=Path, default=None,
                    help="archive folder when it moved since indexing (default: the one in the manifest)")
@@ -83,9 +87,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate built-in synthetic data with ground truth")
     ss = p.add_subparsers(dest="what", required=True)
     r = ss.add_parser("radiographs", help="PA chest radiograph phantoms with masks and landmarks")
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True,
+                   help="output folder (dicom/, images/, masks/, landmarks/, image_table.csv)")
     r.add_argument("--n", type=int, default=200, help="number of images")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same data)")
     r.add_argument("--size", type=int, default=256, help="image side in pixels")
     r.set_defaults(func=_cmd_synth_radiographs)
     # the names of karyotypes.LAB_STYLES, kept here so that --help imports no numpy (a test compares)
@@ -102,9 +107,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="lab styles (--style NAME):\n" + "\n".join(
                           f"  {name:<18}{text}" for name, text in styles.items()))
-    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--out", type=Path, required=True,
+                   help="output folder (one image per chromosome, manifest.csv, style.json)")
     k.add_argument("--cases", type=int, default=20, help="number of cells")
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same data)")
     k.add_argument("--abnormal-rate", type=float, default=0.1, help="fraction of abnormal cells")
     k.add_argument("--flip-rate", type=float, default=0.5, help="fraction flipped to polarity 0")
     k.add_argument("--stain", choices=["gband", "qband"], default=None,
@@ -146,7 +152,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        "(rerun to resume: finished steps are skipped)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything the demo makes")
     p.add_argument("--n", type=int, default=300, help="number of phantom radiographs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic data (phantoms and karyotypes); a rerun needs the same one")
     p.add_argument("--fast", action="store_true",
                    help="a miniature run (tiny images, a few steps; about a minute) to check the pipeline; "
                    "its numbers mean nothing")
@@ -364,7 +371,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, required=True,
                    help="YAML config, e.g. configs/pretrain/cpu_tiny.yaml")
     p.add_argument("--out", type=Path, required=True,
-                   help="run dir (refused when not empty, unless resume=true or overwrite=true)")
+                   help="run dir (one holding a checkpoint is refused unless resume=true or overwrite=true; "
+                   "the leftovers of a run that stopped before its first checkpoint are cleared)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. resume=true data.cache_dir=cache optim.lr=1e-3")
     p.set_defaults(func=_cmd_pretrain)
@@ -533,7 +541,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     common(c, annotated)
     c.add_argument("--size", type=int, default=256, help="evaluation frame side in pixels")
     c.add_argument("--pairs", type=int, default=20, help="number of (source, target) image pairs")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of the pair draw (and of the random wholes of part-whole consistency)")
     c.add_argument("--split", default="auto", help="images to pair: a split name, or auto (test, else val)")
     c.add_argument("--radii", type=float, nargs="+", default=[10.0, 20.0, 40.0],
                    help="PCK radii in pixels of the images' own frame (1024 for JSRT)")
@@ -547,21 +556,27 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     f = ss.add_parser("fewshot-seg", help="few-shot segmentation (Dice per structure) with a U-Net decoder")
     common(f, annotated)
     f.add_argument("--shots", type=int, nargs="+", default=[3, 6, 12, 24], help="labelled images per run")
-    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    f.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=["frozen", "finetune"])
+    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one run per seed and shot count: the seed draws the support images and the decoder "
+                   "init (default: 0 1 2)")
+    f.add_argument("--modes", nargs="+", choices=["frozen", "finetune"], default=["frozen", "finetune"],
+                   help="frozen: train the decoder on fixed features; finetune: train the encoder too "
+                   "(default: both)")
     f.add_argument("--size", type=int, default=128, help="image side in pixels")
     f.add_argument("--steps", type=int, default=None,
                    help="decoder training steps per run (default: 240, enough to fit the support set)")
-    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--batch-size", type=int, default=8, help="support images per decoder step")
     f.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many images")
     f.set_defaults(func=_cmd_evaluate_fewshot)
 
     k = ss.add_parser("classify", help="kNN, linear probe and fine-tuning at label fractions (AUC with CIs)")
     common(k, "phantom set (cardiomegaly, nodule) or a metadata.csv set with finding (e.g. covid_chestxray)")
     k.add_argument("--protocols", nargs="+", choices=["knn", "linear", "finetune"],
-                   default=["knn", "linear", "finetune"])
+                   default=["knn", "linear", "finetune"],
+                   help="kNN on frozen features, linear probe, full fine-tuning (default: all three)")
     k.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions")
-    k.add_argument("--seeds", type=int, nargs="+", default=[0])
+    k.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one run per seed: the seed draws the labelled subset and the training (default: 0)")
     k.add_argument("--size", type=int, default=128, help="image side in pixels")
     k.add_argument("--steps", type=int, default=100, help="fine-tuning steps per run")
     k.add_argument("--k", type=int, default=20, help="neighbours of the kNN classifier")
@@ -587,7 +602,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--data", type=Path, required=True, help=annotated)
     m.add_argument("--out", type=Path, required=True, help="report folder (report.md, plots/, summary.json)")
     m.add_argument("--arch", default=None, help="timm architecture (default: the exported folders' one)")
-    m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    m.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="evaluation seeds: each runs every protocol for every weight set (and draws that "
+                   "seed's random init); the report gives mean ± sd over them (default: 0 1 2)")
     m.add_argument("--fast", action="store_true", help="tiny settings for smoke tests (numbers meaningless)")
     m.add_argument("--classify", action="store_true", help="also classify the phantom findings (kNN, linear)")
     m.add_argument("--classify-data", type=Path, default=None,

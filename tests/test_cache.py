@@ -273,6 +273,66 @@ def test_patient_level_splits(archive):
         patient_splits(ids, fractions=(0.5, 0.5, 0.5))
 
 
+def test_cache_refuses_empty_input(archive, capsys):
+    """A folder instead of a manifest, a manifest without an ok row, or ok rows none of which decodes:
+    one line naming the folder / manifest, exit 2, and no cache is left to look finished."""
+    tmp, root = archive["tmp"], archive["root"]
+    out = tmp / "cache"
+    args = ["--out", str(out), "--size", str(SIZE), "--workers", "1"]
+    assert main(["cache", str(root), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "expected a manifest file (from `holons index`), got a folder" in err and str(root) in err
+
+    empty = tmp / "empty.parquet"
+    _write_manifest(empty, root, [])
+    assert main(["cache", str(empty), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"no usable image in {empty}" in err and "lists no files" in err
+    not_ok = tmp / "not_ok.parquet"
+    _write_manifest(not_ok, root, [r for r in archive["rows"] if r["status"] != "ok"])
+    assert main(["cache", str(not_ok), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"no usable image in {not_ok}" in err and "none of its 1 rows is ok (filtered: 1)" in err
+    assert not out.exists()  # refused before any work
+
+    broken = tmp / "broken.parquet"
+    _write_manifest(broken, root, [r for r in archive["rows"] if r["path"] == "dicom/broken.dcm"])
+    assert main(["cache", str(broken), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"no usable image in {broken}: none of its 1 ok rows could be decoded" in err
+    assert str(out / "skipped.parquet") in err and len(pd.read_parquet(out / "skipped.parquet")) == 1
+    assert not (out / "index.parquet").exists()
+    assert not json.loads((out / "cache.json").read_text())["complete"]
+
+
+def test_one_patient_manifest_never_leaves_train_empty(archive, capsys):
+    """Patients are placed by a hash of their id: with one patient the train split can come out empty.
+    That is an error pointing to --split-fractions 1 0 0, whose rerun reuses the decoded image."""
+    tmp, root = archive["tmp"], archive["root"]
+    pid = next(f"hash{i}" for i in range(100) if patient_splits([f"patient:hash{i}"])[0] != "train")
+    row = next(r for r in archive["rows"] if r["path"] == "dicom/img1.dcm") | {"patient_id": pid}
+    one = tmp / "one.parquet"
+    _write_manifest(one, root, [row])
+    out = tmp / "cache"
+    args = ["cache", str(one), "--out", str(out), "--size", str(SIZE), "--workers", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"the train split of {one} is empty" in err and "--split-fractions 1 0 0" in err
+    assert not (out / "index.parquet").exists()
+    assert main([*args, "--split-fractions", "1", "0", "0"]) == 0
+    assert "0 decoded now, 1 reused" in capsys.readouterr().out
+    ds = CachedImageDataset(out, split="train")
+    assert len(ds) == 1
+    # a patient that lands in train needs nothing
+    pid = next(f"hash{i}" for i in range(100) if patient_splits([f"patient:hash{i}"])[0] == "train")
+    _write_manifest(one, root, [row | {"patient_id": pid}])
+    summary = build_cache(one, tmp / "cache2", size=SIZE, workers=1, progress=False)
+    assert summary["splits"] == {"train": 1, "val": 0, "test": 0}
+
+
 def test_cli_index_then_cache(archive, capsys, monkeypatch):
     monkeypatch.setenv("HOLONS_SITE_SECRET", "test-secret")
     manifest, out = archive["tmp"] / "indexed.parquet", archive["tmp"] / "cache"

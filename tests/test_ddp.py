@@ -32,6 +32,7 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_rank_ddp_matches_one_process(tmp_path):
     images = write_phantoms(tmp_path / "phantoms", n=16)

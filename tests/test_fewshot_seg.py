@@ -4,8 +4,6 @@ where it belongs."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -49,16 +47,13 @@ def test_decoder_learns_a_thin_bar_in_a_few_dozen_steps():
     torch.manual_seed(0)
     backbone = load_backbone("random", "convnext_atto")
     x, y = _discs_and_bars(6, seed=0)
-    t0 = time.perf_counter()
     model = train_segmenter(backbone, x, y, steps=40, batch_size=6, groups=[[0], [1]], augment=False, seed=0)
     x_new, y_new = _discs_and_bars(4, seed=1)
     pred = predict_masks(model, x_new)
-    took = time.perf_counter() - t0
     bar = np.mean([dice(pred[i, 1], y_new[i, 1].numpy() > 0) for i in range(4)])
     disc = np.mean([dice(pred[i, 0], y_new[i, 0].numpy() > 0) for i in range(4)])
     assert bar > 0.5, bar
     assert disc > 0.8, disc
-    assert took < 20, took
 
 
 def test_loss_gives_a_thin_structure_at_least_the_weight_of_a_large_one():

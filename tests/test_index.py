@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -20,8 +21,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import holons.data.index as index_mod
 from holons.cli import main
+from holons.data.formats import (
+    DICOM_EMPTY_REASON,
+    DICOM_HEADER_TRUNCATED_REASON,
+    NOT_DICOM_REASON,
+    PIXEL_DATA_TRUNCATED_REASON,
+)
 from holons.data.index import MANIFEST_COLUMNS, format_summary, index_archive, read_manifest
 from holons.data.privacy import SECRET_ENV, load_site_secret, pseudonymize
+from holons.data.readers import UnreadableImage, read_image
 from holons.errors import HolonsError
 
 SECRET = b"test-site-secret"
@@ -336,6 +344,57 @@ def test_cli_refuses_without_secret_and_runs_unkeyed_when_allowed(archive: Path,
     assert rows["p1/dx_noext"]["reason"] == "body part HAND not selected"
     assert rows["p1/cr.dcm"]["patient_id"] == hashlib.sha256(PHI["patient_id"].encode()).hexdigest()[:32]
     assert main(["index", str(tmp_path / "nowhere"), "--out", str(out), "--allow-unkeyed-hashes"]) == 2
+
+
+def test_cli_archive_without_a_usable_image_is_an_error(tmp_path: Path, capsys) -> None:
+    """No files, or files none of which is an image kept by the filters: one line, exit 2, folder named."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    common = ["--allow-unkeyed-hashes", "--workers", "1"]
+    assert main(["index", str(empty), "--out", str(tmp_path / "a.parquet"), *common]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert "no files found in" in captured.err and str(empty.resolve()) in captured.err
+    (empty / "notes.txt").write_text("not an image\n")
+    assert main(["index", str(empty), "--out", str(tmp_path / "b.parquet"), *common]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "no usable image in" in err and "1 file, none ok (not an image: 1)" in err
+    assert str(tmp_path / "b.parquet") in err and (tmp_path / "b.parquet").is_file()  # reasons kept
+    assert "--modality" not in err  # the filter hint only when a filter dropped files
+
+
+def test_bad_dicom_files_get_one_reason_from_index_and_reader(tmp_path: Path) -> None:
+    """A text file named .dcm is not a DICOM file (not "no pixel data"), and a DICOM cut anywhere gets
+    the same reason in the manifest as from read_image."""
+    root = tmp_path / "bad"
+    full = write_dicom(root / "full.dcm").read_bytes()
+    (root / "notes.dcm").write_text("this is a text file, not a DICOM file\n")
+    (root / "two_bytes.dcm").write_bytes(b"ab")
+    name_at = full.index(PHI["name"].encode())
+    cuts = {"in_preamble.dcm": 100, "in_file_meta.dcm": 150, "in_header.dcm": name_at + 3,
+            "in_pixels.dcm": len(full) - 100}
+    for name, n in cuts.items():
+        (root / name).write_bytes(full[:n])
+    zero = pydicom.dcmread(root / "full.dcm")
+    zero.Rows = 0  # the pixel data stays
+    zero.save_as(root / "zero_rows.dcm")
+    expected = {
+        "notes.dcm": ("error", NOT_DICOM_REASON), "two_bytes.dcm": ("error", NOT_DICOM_REASON),
+        "in_preamble.dcm": ("error", NOT_DICOM_REASON), "in_file_meta.dcm": ("error", DICOM_EMPTY_REASON),
+        "in_header.dcm": ("error", DICOM_HEADER_TRUNCATED_REASON),
+        "in_pixels.dcm": ("error", PIXEL_DATA_TRUNCATED_REASON),
+        "zero_rows.dcm": ("skipped", "zero-size image (0 x 12)"),
+    }
+    out = tmp_path / "m.parquet"
+    run(root, out, modalities=None)
+    rows = by_path(out)
+    assert rows["full.dcm"]["status"] == "ok"
+    for name, (status, reason) in expected.items():
+        assert (rows[name]["status"], rows[name]["reason"]) == (status, reason), name
+        with pytest.raises(UnreadableImage) as info:
+            read_image(root / name)
+        assert info.value.reason == reason, name
 
 
 def test_second_concurrent_run_is_refused(archive: Path, tmp_path: Path) -> None:

@@ -299,6 +299,7 @@ def test_schedule_has_the_four_steps():
         final_head(load_config(KaryotypeConfig, TINY, ["model.variant=g_only", "model.output_head=mean"]))
 
 
+@pytest.mark.slow
 def test_train_predict_karyogram_end_to_end(synthetic, tmp_path):
     torch.set_num_threads(1)
     run, pred = tmp_path / "run", tmp_path / "pred"

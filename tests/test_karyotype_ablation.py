@@ -53,6 +53,7 @@ def test_runs_make_the_pairs_explicit(tmp_path):
     assert cfgs["varifocal"].model.g_pretrained_dir is None
 
 
+@pytest.mark.slow
 def test_quick_ablation_table_reuse_and_failures(tmp_path, capsys):
     manifest = _cells(tmp_path / "syn", cases=8, seed=0, abnormal_rate=0.2)
     wrong = tmp_path / "export"  # an export of another architecture: that run fails, the others go on
@@ -103,6 +104,7 @@ def test_quick_ablation_table_reuse_and_failures(tmp_path, capsys):
     assert changed["status"] == "failed" and "train.gnet_epochs" in changed["note"]
 
 
+@pytest.mark.slow
 def test_jobs_split_the_rows_and_the_table_collects_them(tmp_path):
     assert ablation.job_variants(["a", "b", "c"], 2) == [["a", "c"], ["b"]]
     assert ablation.job_variants(["a"], 3) == [["a"]]

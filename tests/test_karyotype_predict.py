@@ -21,6 +21,7 @@ SAME = ("type_accuracy", "macro_f1", "test_chromosomes", "test_cases", "case_acc
         "cases_fully_correct_optimal")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("scale", "head"), [("none", "mean"), ("cell", "best")])
 def test_predict_on_the_test_split_equals_the_run_evaluation(tmp_path, scale, head):
     """The configuration the issue found disagreeing: head ``mean``, test-time h and v flips, CutMix;

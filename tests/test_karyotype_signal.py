@@ -60,6 +60,7 @@ def _records(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").open()]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_mid_epoch_and_resume_matches_uninterrupted(manifest, per_epoch, tmp_path,
                                                                         monkeypatch, capsys):
     reference = tmp_path / "reference"

@@ -83,6 +83,7 @@ def test_an_interrupted_pretraining_continues_from_its_checkpoint_with_reuse(tmp
     assert restarted.status == "finished" and "resumed from" not in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_runs_pretrained_side_by_side_equal_the_runs_pretrained_one_after_another(tmp_path):
     """--jobs 2 pretrains in two spawned processes; each run is seeded by its config alone."""
     import argparse

@@ -52,6 +52,7 @@ def _assert_same_tensors(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 def test_twenty_steps_lower_the_loss_without_collapse(phantoms, tmp_path):
     cfg = tiny_config(phantoms, [{"mode": "part_whole", "levels": [0], "steps_per_level": 20}], log_every=4)
     result = pretrain(cfg, tmp_path / "run")
@@ -149,6 +150,37 @@ def test_run_dir_rules_and_config_errors(phantoms, tmp_path):
     assert main(["pretrain", "--config", str(cfg_file), "--out", str(tmp_path / "c"), "views.bogus=1"]) == 2
 
 
+def test_a_run_dir_without_checkpoint_is_reused(phantoms, tmp_path, capsys):
+    """A run that fails before its first checkpoint leaves train.log and checkpoints/ behind; the same
+    command again (after fixing the cause) is not refused: the leftovers are cleared, and said so."""
+    stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
+    run = tmp_path / "run"
+    bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad.write_text(yaml.safe_dump(tiny_config(tmp_path / "no_such_folder", stages)))
+    good.write_text(yaml.safe_dump(tiny_config(phantoms, stages)))
+    assert main(["pretrain", "--config", str(bad), "--out", str(run)]) == 2
+    assert (run / "train.log").is_file() and (run / "checkpoints").is_dir()  # the leftovers
+    (run / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')  # as if it had logged a step
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(good), "--out", str(run)]) == 0
+    log_text = (run / "train.log").read_text()
+    assert "had no checkpoint" in log_text and "cleared its leftovers" in log_text
+    assert "no_such_folder" not in log_text  # the failed run's log went with it
+    assert [r["step"] for r in _metrics(run)] == [1]
+    # now it holds a checkpoint: a run to protect
+    with pytest.raises(HolonsError, match="not empty \\(it holds a checkpoint at step 1\\)"):
+        pretrain(tiny_config(phantoms, stages), run)
+
+
+def test_resume_on_a_new_run_dir_starts_quietly(phantoms, tmp_path, capsys):
+    """resume=true on a new folder (as the demo always passes it) is an ordinary first run."""
+    stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
+    result = pretrain(tiny_config(phantoms, stages, resume=True), tmp_path / "run")
+    assert result.status == "finished" and result.step == 1
+    said = capsys.readouterr().err + (tmp_path / "run" / "train.log").read_text()
+    assert "no checkpoint" not in said and "resume requested" not in said and "resumed" not in said
+
+
 def test_overwrite_and_init_from(phantoms, tmp_path):
     stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
     pretrain(tiny_config(phantoms, stages), tmp_path / "run")
@@ -182,6 +214,7 @@ def test_shipped_configs_load():
         "convnext_base", 65536, 224, 96)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(phantoms, tmp_path):
     stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 500}]
     cfg_file = tmp_path / "long.yaml"
@@ -192,13 +225,13 @@ def test_sigterm_checkpoints_and_exits_cleanly(phantoms, tmp_path):
                              str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        deadline = time.monotonic() + 120
+        # No clock: the run either logs its first step or exits (and the test fails with its output),
+        # and after the signal it either stops or ends its 500 steps (and the exit status shows it).
         while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no training step within 120 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate()
     finally:
         if proc.poll() is None:
             proc.kill()

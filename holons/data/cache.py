@@ -152,6 +152,9 @@ def _load_manifest(manifest: str | os.PathLike, archive_root: str | os.PathLike 
     from holons.data.index import read_manifest
 
     path = Path(manifest)
+    if path.is_dir():
+        raise CacheError(f"expected a manifest file (from `holons index`), got a folder: {path}; "
+                         f"index it first: holons index {path} --out manifest.parquet")
     if not path.is_file():
         raise CacheError(f"manifest not found: {path}")
     try:
@@ -170,6 +173,16 @@ def _load_manifest(manifest: str | os.PathLike, archive_root: str | os.PathLike 
         if col not in df.columns:
             df[col] = None
     return df, Path(os.fsdecode(root))
+
+
+def _no_ok_rows(df) -> str:
+    """Why a manifest has no ``ok`` row, in words: its size and its most common reasons."""
+    if not len(df):
+        return "it lists no files (was the indexed folder empty?)"
+    reasons = df["reason"].fillna("").replace("", "no reason").value_counts()
+    top = ", ".join(f"{reason}: {n}" for reason, n in reasons.head(3).items())
+    more = f", {len(reasons) - 3} more reasons" if len(reasons) > 3 else ""
+    return f"none of its {len(df)} rows is ok ({top}{more})"
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -342,7 +355,9 @@ def build_cache(
 
     Resumable: rerunning with the same ``size``/``dtype``/``voi`` decodes only what is missing or
     changed. ``archive_root`` overrides the root recorded in the manifest (a moved archive).
-    Returns a summary dict (see ``format_cache_summary``).
+    Returns a summary dict (see ``format_cache_summary``). A manifest without a usable image (no
+    ``ok`` row, or none that decodes) and an empty train split while ``split_fractions[0] > 0`` (a
+    handful of patients, see ``holons.data.splits``) raise ``CacheError`` before the index is written.
     """
     from holons.data.splits import patient_keys, patient_splits
 
@@ -358,6 +373,8 @@ def build_cache(
                 "split_fractions": [float(f) for f in split_fractions], "split_seed": int(split_seed)}
     patient_splits(["probe"], split_fractions, split_seed)  # validates fractions before any work
     df, root = _load_manifest(manifest, archive_root)
+    if not (df["status"] == "ok").any():
+        raise CacheError(f"no usable image in {manifest}: {_no_ok_rows(df)}; nothing to cache")
     _check_settings(out, settings)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
@@ -424,6 +441,17 @@ def build_cache(
         "seconds": round(time.monotonic() - started, 3),
     }
     _write_parquet(skipped, out / "skipped.parquet")
+    if not len(index):
+        top = ", ".join(f"{reason}: {n}" for reason, n in list(summary["skipped_by_reason"].items())[:3])
+        raise CacheError(f"no usable image in {manifest}: none of its {len(ok)} ok rows could be decoded "
+                         f"({top}); each file's reason is in {out / 'skipped.parquet'}")
+    if split_fractions[0] > 0 and not summary["splits"]["train"]:
+        patients = sum(summary["split_patients"].values())
+        raise CacheError(
+            f"the train split of {manifest} is empty: its {patients} patient(s) all fell in val / test "
+            f"(patient-level split by hashed id, fractions {' '.join(f'{f:g}' for f in split_fractions)}); "
+            "with this few patients pass --split-fractions 1 0 0 (split_fractions=(1, 0, 0)) to put every "
+            "image in train (the decoded images are kept: the rerun only splits them)")
     with atomic_write(out / "cache.json", "w") as f:
         json.dump({**settings, "complete": True, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    **counts, "skipped_by_reason": summary["skipped_by_reason"]}, f, indent=2)

@@ -27,6 +27,7 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
 )
 
+from holons.data.formats import dicom_content_problem
 from holons.data.readers import (
     RadiographImage,
     UnreadableImage,
@@ -47,12 +48,37 @@ def read_dicom(path: str | Path, *, voi: str = "window", frame: int | str = 0) -
     path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # malformed files warn a lot; failures raise with a reason instead
-        ds = _parse(path)
-        n_frames = _check_image(ds, path)
+        try:
+            ds = _parse(path)
+            problem = dicom_content_problem(path, ds)  # e.g. a text file named .dcm
+            if problem is not None:
+                raise UnreadableImage(problem, path)
+            n_frames = _check_image(ds, path)
+        except UnreadableImage as e:
+            raise UnreadableImage(_index_reason(path) or e.reason, path) from e
         if frame != "all" and frame >= n_frames:
             raise UnreadableImage(f"frame {frame} requested but the image has {n_frames} frame(s)", path)
-        stored = _decode(ds, path, frame, n_frames)
+        try:
+            stored = _decode(ds, path, frame, n_frames)
+        except UnreadableImage as e:
+            raise UnreadableImage(_index_reason(path) or e.reason, path) from e
         return _to_radiograph(ds, stored, voi, frame, n_frames)
+
+
+def _index_reason(path: Path) -> str | None:
+    """The reason `holons index` records for this file (None when it indexes it as ``ok``).
+
+    Called when a read fails, so that one bad file reads the same in the manifest and in the
+    error; failures the header cannot see (pixel decoding) keep the decoder's reason.
+    """
+    from holons.data.headers import HeaderError, read_header
+
+    try:
+        return read_header(path, "dicom")["skip"] or None
+    except HeaderError as e:
+        return e.reason
+    except Exception:  # the header reader must not hide the read's own reason
+        return None
 
 
 def _parse(path: Path) -> Dataset:

@@ -20,6 +20,13 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR
 
+from holons.data.formats import (
+    DICOM_HEADER_TRUNCATED_REASON,
+    PIXEL_DATA_SHORT_REASON,
+    PIXEL_DATA_TRUNCATED_REASON,
+    dicom_content_problem,
+)
+
 HEADER_FIELDS = (
     "format", "modality", "body_part", "view_position", "rows", "cols", "photometric", "bits_stored",
     "transfer_syntax", "raw_patient_id", "raw_study_id", "raw_series_id", "skip",
@@ -114,9 +121,12 @@ def _read_dicom(path: Path) -> dict[str, Any]:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
             except InvalidDicomError as e:
                 raise HeaderError(f"not a valid DICOM file: {safe_message(e)}") from None
-        if any("end of file" in str(w.message).lower() for w in caught):
-            raise HeaderError("DICOM header truncated (unexpected end of file)")
         stop = fp.tell()
+        problem = dicom_content_problem(path, ds, pixels_follow=_pixel_tag_at(fp, stop))
+        if problem is not None:
+            raise HeaderError(problem)
+        if any("end of file" in str(w.message).lower() for w in caught):
+            raise HeaderError(DICOM_HEADER_TRUNCATED_REASON)
         meta = getattr(ds, "file_meta", None)
         syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
         if not syntax:
@@ -144,11 +154,13 @@ def _read_dicom(path: Path) -> dict[str, Any]:
             if not has_pixels:
                 out["skip"] = "no pixel data"
             elif out["rows"] <= 0 or out["cols"] <= 0:
-                out["skip"] = "no image size (Rows/Columns missing)"
+                recorded = all(_has_value(ds, k) for k in ("Rows", "Columns"))
+                out["skip"] = (f"zero-size image ({out['rows']} x {out['cols']})" if recorded  # as read_image
+                               else "no image size (Rows/Columns missing)")
             elif has_pixels is True and syntax in _NATIVE_SYNTAXES:
                 raise HeaderError("encapsulated pixel data under an uncompressed transfer syntax")
             elif has_pixels is not True and has_pixels < _native_bytes(ds, out["rows"], out["cols"]):
-                raise HeaderError("pixel data shorter than Rows x Columns x frames require")
+                raise HeaderError(PIXEL_DATA_SHORT_REASON)
     return out
 
 
@@ -170,6 +182,17 @@ def _dicom_non_image(ds: Any, meta: Any, modality: str) -> str | None:
         if name.strip().startswith("RT "):
             return "non-image object (radiotherapy)"
     return None
+
+
+def _pixel_tag_at(fp: Any, stop: int) -> bool:
+    """Whether a pixel data tag (either byte order) starts at ``stop``, where a header read stopped."""
+    fp.seek(stop)
+    head = fp.read(4)
+    if len(head) < 4:
+        return False
+    tags = ((int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
+            for order in ("little", "big"))
+    return any(tag in _PIXEL_TAGS for tag in tags)
 
 
 def _pixel_element_check(fp: Any, stop: int, little_endian: bool) -> bool | int:
@@ -206,7 +229,7 @@ def _pixel_element_check(fp: Any, stop: int, little_endian: bool) -> bool | int:
     if length == 0:
         return False
     if stop + header_len + length > size:
-        raise HeaderError("pixel data truncated (file shorter than declared)")
+        raise HeaderError(PIXEL_DATA_TRUNCATED_REASON)
     return length
 
 
@@ -265,6 +288,15 @@ def _text(ds: Any, keyword: str) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", errors="replace")
     return str(value).strip().strip("\x00").strip()
+
+
+def _has_value(ds: Any, keyword: str) -> bool:
+    """Whether the attribute is present with a non-empty value (without converting it)."""
+    try:
+        raw = ds.get_item(keyword)
+    except Exception:
+        return False
+    return raw is not None and raw.value not in (None, b"", "")
 
 
 def _int(ds: Any, keyword: str) -> int:

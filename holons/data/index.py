@@ -45,7 +45,8 @@ from holons.data.privacy import load_site_secret, pseudonymize, secret_fingerpri
 from holons.errors import HolonsError
 from holons.files import atomic_path
 
-__all__ = ["MANIFEST_COLUMNS", "index_archive", "format_summary", "read_manifest", "load_site_secret"]
+__all__ = ["MANIFEST_COLUMNS", "index_archive", "format_summary", "read_manifest", "load_site_secret",
+           "require_images"]
 
 log = logging.getLogger(__name__)
 
@@ -595,6 +596,28 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     df = table.select(list(MANIFEST_COLUMNS)).to_pandas()
     df.attrs["archive_root"] = table.schema.metadata[ROOT_KEY.encode()].decode()
     return df
+
+
+def require_images(summary: dict) -> None:
+    """Raise a one-line HolonsError when an ``index_archive`` summary has no ``ok`` image.
+
+    Such a manifest feeds nothing (``holons cache`` decodes ``ok`` rows only): an empty folder, the
+    wrong folder, or filters that keep nothing. The manifest is still written, with each file's reason.
+    """
+    if summary["by_status"].get("ok", 0):
+        return
+    archive, n = summary["archive"], summary["n_files"]
+    if n == 0:
+        raise HolonsError(f"no files found in {archive} (hidden files and symlinks are skipped); "
+                          "nothing to index")
+    reasons = sorted(summary["by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{reason}: {count}" for reason, count in reasons[:3])
+    more = f", {len(reasons) - 3} more reasons" if len(reasons) > 3 else ""
+    hint = ("; `--modality` with no values keeps every modality"
+            if any(r.startswith("modality ") for r, _ in reasons) else "")
+    files = f"{n} file{'s' if n != 1 else ''}"
+    raise HolonsError(f"no usable image in {archive}: {files}, none ok ({shown}{more}); "
+                      f"each file's reason is in {summary['manifest']}{hint}")
 
 
 def format_summary(summary: dict, top: int = 10) -> str:

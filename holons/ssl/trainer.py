@@ -14,6 +14,9 @@ Run dir (only rank 0 writes)::
     RUN/checkpoints/     step_XXXXXXXX.pt (weights_only-loadable)
     RUN/exported/        the teacher backbone, timm-loadable (written at the end)
 
+A run dir with a checkpoint is refused unless ``resume`` or ``overwrite``; one holding only the
+leftovers of a run that stopped before its first checkpoint is cleared and reused.
+
 Determinism: data order is a function of (seed, epoch); the views of a step and the global
 RNGs are reseeded from (seed, step, slice / rank) at every step, so a run resumed from a
 checkpoint on CPU continues bit-exactly as an uninterrupted one.
@@ -48,6 +51,7 @@ from holons.ssl.backbone import create_backbone
 from holons.ssl.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     restore_rng_state,
@@ -70,6 +74,8 @@ __all__ = ["ImageFolderDataset", "PretrainResult", "StudentNet", "build_dataset"
 
 log = logging.getLogger("holons.pretrain")
 RUN_ENTRIES = ("config.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints", "exported")
+# What a run leaves before its first checkpoint: a folder holding only these and no checkpoint is reused.
+LEFTOVER_ENTRIES = ("config.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints")
 
 
 # --------------------------------------------------------------------------- data
@@ -247,24 +253,40 @@ def build_student(cfg: PretrainConfig) -> StudentNet:
 
 
 # --------------------------------------------------------------------------- run dir
-def prepare_run_dir(out: Path, cfg: PretrainConfig) -> None:
-    """Refuse a non-empty run dir unless ``resume`` or ``overwrite``; ``overwrite`` clears only
-    what a holons run writes and refuses a folder holding anything else."""
+def prepare_run_dir(out: Path, cfg: PretrainConfig) -> list[str]:
+    """Make ``out`` ready for a run; returns what it cleared from a folder without a checkpoint.
+
+    A folder that holds only what a holons run writes but no checkpoint (and no export) is the
+    trace of a run that stopped before its first checkpoint: there is nothing to resume or
+    protect, so its leftovers are cleared and the folder is reused, with or without ``resume``.
+    Any other non-empty folder is refused unless ``resume`` or ``overwrite``; ``overwrite``
+    clears only what a holons run writes and refuses a folder holding anything else.
+    """
     if out.exists() and not out.is_dir():
         raise HolonsError(f"run dir {out} exists and is not a folder")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not cfg.resume:
+    checkpoints = list_checkpoints(out / "checkpoints")
+    cleared: list[str] = []
+    if entries and not checkpoints and set(entries) <= set(LEFTOVER_ENTRIES):
+        cleared = entries
+    elif entries and not cfg.resume:
         if not cfg.overwrite:
-            raise HolonsError(f"run dir {out} is not empty; pass resume=true to continue it or "
-                              "overwrite=true to start over")
+            if checkpoints:
+                held = f"a checkpoint at step {checkpoints[-1][0]}"
+            else:
+                held = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise HolonsError(f"run dir {out} is not empty (it holds {held}); pass resume=true to continue "
+                              "it or overwrite=true to start over")
         foreign = [e for e in entries if e not in RUN_ENTRIES]
         if foreign:
             raise HolonsError(f"run dir {out} holds files that are not from a holons run "
                               f"({foreign[0]}, ...); refusing to overwrite it")
-        for e in entries:
-            p = out / e
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        cleared = entries
+    for e in cleared:
+        p = out / e
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return [] if checkpoints else cleared
 
 
 class RunLogger:
@@ -764,8 +786,7 @@ def pretrain(config: PretrainConfig | str | Path | dict, out: str | Path, overri
 
 
 def _run(cfg: PretrainConfig, out: Path, info: du.DistInfo, progress: bool | None) -> PretrainResult:
-    if info.is_main:
-        prepare_run_dir(out, cfg)
+    cleared = prepare_run_dir(out, cfg) if info.is_main else []
     du.barrier()
     resume_path = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     show_bar = info.is_main and (sys.stderr.isatty() if progress is None else progress)
@@ -787,8 +808,11 @@ def _run(cfg: PretrainConfig, out: Path, info: du.DistInfo, progress: bool | Non
                 log.warning("the config differs from the checkpoint's in %s; the resumed run will not "
                             "match an uninterrupted one", ", ".join(changed))
         else:
-            if cfg.resume:
-                log.info("resume requested but %s has no checkpoint: starting a new run", out)
+            # resume=true on a new or empty folder is the ordinary first run (the demo always passes
+            # it): nothing to say. Leftovers of a run that stopped before its first checkpoint are.
+            if cleared:
+                log.info("run dir %s had no checkpoint (a run that stopped before its first one); cleared "
+                         "its leftovers (%s) and starting a new run", out, ", ".join(cleared))
             if cfg.init_from:
                 trainer.init_from(cfg.init_from)
                 log.info("initialized weights from %s", cfg.init_from)
