@@ -27,9 +27,10 @@ from holons.data.formats import (
     NOT_DICOM_REASON,
     PIXEL_DATA_TRUNCATED_REASON,
 )
+from holons.data.image import UnreadableImage
 from holons.data.index import MANIFEST_COLUMNS, format_summary, index_archive, read_manifest
 from holons.data.privacy import SECRET_ENV, load_site_secret, pseudonymize
-from holons.data.readers import UnreadableImage, read_image
+from holons.data.readers import read_image
 from holons.errors import HolonsError
 
 SECRET = b"test-site-secret"

@@ -4,7 +4,8 @@
 ``import holons.data`` stays light (no torch / MONAI) for index and cache worker processes.
 """
 
-from holons.data.readers import RadiographImage, UnreadableImage, read_image
+from holons.data.image import RadiographImage, UnreadableImage
+from holons.data.readers import read_image
 
 __all__ = ["LoadRadiograph", "LoadRadiographd", "RadiographImage", "UnreadableImage", "read_image"]
 

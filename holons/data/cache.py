@@ -122,7 +122,8 @@ def _spacing(meta: dict) -> tuple[float, float]:
 
 def decode_for_cache(path: str, size: int, dtype: str, voi: str) -> dict[str, Any]:
     """Decode, fit and quantize one image; never raises for a bad image (status ``skipped``)."""
-    from holons.data.readers import UnreadableImage, read_image
+    from holons.data.image import UnreadableImage
+    from holons.data.readers import read_image
 
     try:
         image = read_image(path, voi=voi)

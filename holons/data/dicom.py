@@ -28,7 +28,7 @@ from pydicom.uid import (
 )
 
 from holons.data.formats import dicom_content_problem
-from holons.data.readers import (
+from holons.data.image import (
     RadiographImage,
     UnreadableImage,
     apply_voi_policy,

@@ -39,7 +39,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm.auto import tqdm
 
-from holons.data.readers import UnreadableImage, read_image
+from holons.data.image import UnreadableImage
+from holons.data.readers import read_image
 from holons.data.splits import patient_splits
 from holons.errors import HolonsError
 from holons.eval.features import (

@@ -43,7 +43,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from holons.data.readers import UnreadableImage
+from holons.data.image import UnreadableImage
 from holons.errors import HolonsError
 from holons.eval.features import (
     dense_features,
