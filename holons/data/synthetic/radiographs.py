@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from holons.data.splits import index_split
 from holons.errors import HolonsError
 from holons.files import atomic_write
 
@@ -929,17 +930,6 @@ def _write_file(path: Path, data: bytes) -> None:
         raise
 
 
-def assign_splits(n_patients: int, seed: int) -> list[str]:
-    """Patient-level train/val/test labels (70/15/15), each non-empty once there are 3+ patients."""
-    n_val = int(round(n_patients * SPLIT_FRACTIONS["val"]))
-    n_test = int(round(n_patients * SPLIT_FRACTIONS["test"]))
-    if n_patients >= 3:
-        n_val, n_test = max(1, n_val), max(1, n_test)
-    labels = ["test"] * n_test + ["val"] * n_val + ["train"] * (n_patients - n_val - n_test)
-    order = np.random.default_rng([seed, 7919]).permutation(n_patients)
-    return [labels[i] for i in np.argsort(order)]
-
-
 def generate_radiographs(
     out: str | os.PathLike,
     *,
@@ -968,7 +958,9 @@ def generate_radiographs(
     out = Path(out)
     old_ids = _previous_ids(out)
     n_patients = math.ceil(n / images_per_patient)
-    splits = assign_splits(n_patients, seed)
+    splits = index_split(  # by patient; each split non-empty from 3 patients on
+        n_patients, test_fraction=SPLIT_FRACTIONS["test"], val_fraction=SPLIT_FRACTIONS["val"], seed=seed
+    ).tolist()
     jobs = []
     for i in range(n):
         patient, acq = divmod(i, images_per_patient)

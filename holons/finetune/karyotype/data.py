@@ -17,7 +17,6 @@ A vertical flip swaps polarity; a horizontal flip keeps both labels.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from holons.data.readers import UnreadableImage, read_image
+from holons.data.splits import assign_splits, group_kfold, group_split  # noqa: F401  (re-exported)
 from holons.errors import HolonsError
 from holons.finetune.karyotype.preprocess import (
     ChromosomeImageError,
@@ -280,53 +280,3 @@ def random_affine(images: torch.Tensor, generator: torch.Generator, *, degrees: 
                          torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-# --------------------------------------------------------------------------- splits
-def _shuffled_groups(groups: Sequence[str], seed: int) -> np.ndarray:
-    unique = np.unique(np.asarray([str(g) for g in groups]))
-    return unique[np.random.default_rng([seed, 0x5EED]).permutation(len(unique))]
-
-
-def group_split(groups: Sequence[str], *, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                seed: int = 0) -> np.ndarray:
-    """``"train"/"val"/"test"`` per row, whole groups (slides) at a time.
-
-    The sorted unique groups are shuffled with ``seed``; the first ``ceil(test_fraction * G)``
-    are test, the next ``ceil(val_fraction * G)`` validation. No group is in two splits, and the
-    split of a fixed group list is fixed by the seed (documented test splits).
-    """
-    order = _shuffled_groups(groups, seed)
-    n = len(order)
-    n_test = math.ceil(test_fraction * n) if test_fraction > 0 else 0
-    n_val = math.ceil(val_fraction * n) if val_fraction > 0 else 0
-    if n and n_test + n_val >= n:
-        raise KaryotypeDataError(f"{n} groups are too few for test {test_fraction} and val {val_fraction}")
-    split_of = {g: ("test" if i < n_test else "val" if i < n_test + n_val else "train")
-                for i, g in enumerate(order)}
-    return np.asarray([split_of[str(g)] for g in groups])
-
-
-def group_kfold(groups: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
-    """Fold 0..k-1 per row; groups are dealt round-robin after a seeded shuffle (sizes differ by <= 1)."""
-    order = _shuffled_groups(groups, seed)
-    if k < 2 or k > len(order):
-        raise KaryotypeDataError(f"k-fold needs 2 <= k <= number of groups ({len(order)}), got {k}")
-    fold_of = {g: i % k for i, g in enumerate(order)}
-    return np.asarray([fold_of[str(g)] for g in groups])
-
-
-def assign_splits(groups: Sequence[str], *, test_fraction: float, val_fraction: float, seed: int,
-                  folds: int = 0, fold: int = 0) -> np.ndarray:
-    """The fixed split (``folds == 0``) or fold ``fold`` of a k-fold CV as test, with validation
-    groups carved from the remaining groups (``val_fraction`` of all groups)."""
-    if not folds:
-        return group_split(groups, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
-    fold_ids = group_kfold(groups, folds, seed)
-    groups = np.asarray([str(g) for g in groups])
-    rest = groups[fold_ids != fold]
-    inner_val = val_fraction / max(1e-9, 1.0 - 1.0 / folds)
-    inner = group_split(rest, test_fraction=0.0, val_fraction=min(inner_val, 0.5), seed=seed + 1)
-    out = np.full(len(groups), "test", dtype=object)
-    out[fold_ids != fold] = inner
-    return out.astype(str)
