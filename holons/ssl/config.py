@@ -142,6 +142,10 @@ class PretrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
+    tensorboard: bool | None = None
+    """TensorBoard events in ``RUN/tb/`` (the optional extra: ``pip install 'holons[tensorboard]'``):
+    ``None`` writes them when the package is installed, ``true`` asks for them (one warning line
+    when it is not installed; the run goes on without them), ``false`` never writes them."""
     max_nan_steps: int = 20
     max_steps: int | None = None
     resume: bool = False

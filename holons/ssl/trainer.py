@@ -10,7 +10,7 @@ Run dir (only rank 0 writes)::
     RUN/train.log        human-readable log
     RUN/metrics.jsonl    one JSON line per log step (losses, lr, wd, momentum, throughput,
                          teacher entropy, centre norm, step time split data/views/fwd-bwd/update)
-    RUN/tb/              TensorBoard events (when tensorboard is importable)
+    RUN/tb/              TensorBoard events (config ``tensorboard``; needs ``holons[tensorboard]``)
     RUN/checkpoints/     step_XXXXXXXX.pt (weights_only-loadable)
     RUN/exported/        the teacher backbone, timm-loadable (written at the end)
 
@@ -289,10 +289,48 @@ def prepare_run_dir(out: Path, cfg: PretrainConfig) -> list[str]:
     return [] if checkpoints else cleared
 
 
-class RunLogger:
-    """train.log, metrics.jsonl and TensorBoard on rank 0; nothing elsewhere."""
+TENSORBOARD_INSTALL = "pip install 'holons[tensorboard]'"
 
-    def __init__(self, out: Path, active: bool, resume_step: int | None, echo: int = logging.INFO) -> None:
+
+def open_tensorboard(folder: Path, wanted: bool | None, announce: bool = True):
+    """A ``SummaryWriter`` on ``folder``, or None.
+
+    ``wanted``: the config's ``tensorboard`` (None: when installed, True: asked for, False: never).
+    A missing package is one warning line naming the extra when TensorBoard was asked for, and
+    nothing otherwise; a package that is installed but fails to import or to open the folder is
+    one warning line either way. ``announce=False`` keeps a reopened logger quiet (resume).
+    """
+    if wanted is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as e:
+        missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "tensorboard"
+        if announce and missing and wanted:
+            log.warning("tensorboard: true, but the tensorboard package is not installed: no TensorBoard "
+                        "events (%s to write them, or set tensorboard=false)", TENSORBOARD_INSTALL)
+        elif announce and not missing:
+            log.warning("TensorBoard is installed but cannot be imported, no TensorBoard events: %s: %s",
+                        type(e).__name__, " ".join(str(e).split()))
+        return None
+    try:
+        return SummaryWriter(str(folder))
+    except Exception as e:
+        if announce:
+            log.warning("cannot write TensorBoard events to %s: %s: %s", folder, type(e).__name__,
+                        " ".join(str(e).split()))
+        return None
+
+
+class RunLogger:
+    """train.log, metrics.jsonl and TensorBoard on rank 0; nothing elsewhere.
+
+    ``tensorboard`` is the config's key (see ``open_tensorboard``); ``announce=False`` when the
+    logger is reopened within one run, so that a TensorBoard warning is said once per run.
+    """
+
+    def __init__(self, out: Path, active: bool, resume_step: int | None, echo: int = logging.INFO,
+                 tensorboard: bool | None = None, announce: bool = True) -> None:
         self.active = active
         self.metrics_path = out / "metrics.jsonl"
         self._handlers: list[logging.Handler] = []
@@ -312,12 +350,7 @@ class RunLogger:
         self._handlers.append(stream)
         for h in self._handlers:
             log.addHandler(h)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
+        self.tb = open_tensorboard(out / "tb", tensorboard, announce)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop lines written after the checkpoint being resumed (they will be written again)."""
@@ -791,7 +824,7 @@ def _run(cfg: PretrainConfig, out: Path, info: du.DistInfo, progress: bool | Non
     resume_path = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     show_bar = info.is_main and (sys.stderr.isatty() if progress is None else progress)
     echo = logging.WARNING if show_bar else logging.INFO
-    logger = RunLogger(out, info.is_main, None, echo)
+    logger = RunLogger(out, info.is_main, None, echo, cfg.tensorboard)
     try:
         trainer = Trainer(cfg, out, info)
         if resume_path is not None:
@@ -800,7 +833,7 @@ def _run(cfg: PretrainConfig, out: Path, info: du.DistInfo, progress: bool | Non
             state = load_checkpoint(resume_path, map_location="cpu")
             trainer.load_state(state)
             logger.close()
-            logger = RunLogger(out, info.is_main, trainer.step, echo)
+            logger = RunLogger(out, info.is_main, trainer.step, echo, cfg.tensorboard, announce=False)
             log.info("resumed from %s at step %d (stage %d, level %d)", resume_path.name, trainer.step,
                      state["stage"], state["level"])
             changed = _changed_keys(state["config"], to_dict(cfg))
@@ -824,7 +857,7 @@ def _run(cfg: PretrainConfig, out: Path, info: du.DistInfo, progress: bool | Non
 
 
 _RUN_CONTROL_KEYS = {"resume", "overwrite", "init_from", "max_steps", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "debug", "max_nan_steps"}
+                     "keep_checkpoints", "debug", "max_nan_steps", "tensorboard"}
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
