@@ -92,7 +92,7 @@ def markdown_table(results: list[Path]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for data, runs and results.json")
+    p.add_argument("--out", type=Path, default=None, help="folder for data, runs and results_*.json")
     p.add_argument("--config", type=Path, default=DEFAULT,
                    help="karyotype config (default: karyotype_default)")
     p.add_argument("--styles", nargs="*", default=list(LAB_STYLES), help="synthetic lab styles to train on")
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         print(markdown_table(args.report))
         return 0
+    if args.out is None:
+        p.error("--out is required (except with --report)")
 
     base = load_config(KaryotypeConfig, args.config)
     common = [f"train.seed={args.seed}", f"train.threads={args.threads}", f"data.scale={args.scale}"]

@@ -439,12 +439,13 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data", type=Path, required=True,
                    help="manifest CSV or folder of images (one folder per case)")
     r.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and cases/*.json")
-    r.add_argument("--dispatch", choices=["none", "greedy", "optimal", "learned", "learned_then_optimal"],
-                   default="optimal",
-                   help="per-case consistency rule for dispatched_class_1to24: optimal assignment to the "
-                        "46 slots (default), the paper's greedy rule, none (each chromosome's top type), "
-                        "learned (the model's learned per-cell dispatcher, see fit-dispatch) or "
-                        "learned_then_optimal (the optimal assignment on the learned dispatcher's output)")
+    r.add_argument("--dispatch", choices=["auto", "none", "greedy", "optimal", "learned",
+                                          "learned_then_optimal"], default="auto",
+                   help="per-case consistency rule for dispatched_class_1to24: auto (default: "
+                        "learned_then_optimal when the model has a learned dispatcher, else optimal), "
+                        "optimal assignment to the 46 slots, the paper's greedy rule, none (each "
+                        "chromosome's top type), learned (the model's learned per-cell dispatcher, see "
+                        "fit-dispatch) or learned_then_optimal (the optimal assignment on its output)")
     r.add_argument("--batch-size", type=int, default=256,
                    help="chromosomes per forward pass (memory only; the predictions do not depend on it)")
     r.set_defaults(func=_cmd_karyotype_predict)
@@ -493,10 +494,9 @@ def _cmd_karyotype_predict(args: argparse.Namespace) -> int:
           f"({summary['skipped']} unreadable, {summary['cases_with_warnings']} cases with warnings); "
           f"wrote {args.out / 'predictions.csv'}")
     if "metrics" in summary:
-        m = summary["metrics"]
-        print(f"labelled manifest: type accuracy {m['type_accuracy']:.4f}, dispatched "
-              f"{m[f'type_accuracy_{args.dispatch}']:.4f}, "
-              f"per case {m[f'case_accuracy_{args.dispatch}']:.4f} "
+        m, method = summary["metrics"], summary["dispatch"]
+        print(f"labelled manifest: type accuracy {m['type_accuracy']:.4f}, dispatched ({method}) "
+              f"{m[f'type_accuracy_{method}']:.4f}, per case {m[f'case_accuracy_{method}']:.4f} "
               f"(all metrics in {args.out / 'metrics.json'})")
     return 0
 

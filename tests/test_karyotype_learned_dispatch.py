@@ -126,6 +126,10 @@ def test_fit_dispatch_cli_and_predict_learned_agree(run, capsys):
     result = predict_karyotypes(plain, run["test_manifest"], root / "rules", batch_size=64, device="cpu")
     assert "type_accuracy_learned" not in result["metrics"]
     assert result["metrics"]["type_accuracy_optimal"] == run["summary"]["type_accuracy_optimal"]
+    # the default dispatch: optimal without a dispatcher, learned then optimal with one
+    assert result["dispatch"] == "optimal"
+    auto = predict_karyotypes(folder, run["test_manifest"], root / "auto", batch_size=64, device="cpu")
+    assert auto["dispatch"] == "learned_then_optimal"
 
 
 def test_dispatch_case_learned_methods_read_the_refined_probabilities():

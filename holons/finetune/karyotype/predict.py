@@ -45,14 +45,20 @@ def case_file_name(case_id: str) -> str:
 
 
 def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path, *,
-                       dispatch: str = "optimal", batch_size: int = 256, device: str = "auto",
+                       dispatch: str = "auto", batch_size: int = 256, device: str = "auto",
                        progress: bool | None = None) -> dict:
-    """Run a trained model on a manifest or a folder (one sub-folder per case); see module doc."""
+    """Run a trained model on a manifest or a folder (one sub-folder per case); see module doc.
+
+    ``dispatch="auto"``: ``learned_then_optimal`` when the model folder holds a learned dispatcher
+    (it measured best on pki-3's fixed split, docs/results.md), else ``optimal``.
+    """
     import sys
 
-    if dispatch not in ALL_METHODS:
-        raise HolonsError(f"dispatch must be one of {', '.join(ALL_METHODS)}, got {dispatch!r}")
     learned = has_cell_dispatcher(model_folder(model_dir))
+    if dispatch == "auto":
+        dispatch = "learned_then_optimal" if learned else "optimal"
+    if dispatch not in ALL_METHODS:
+        raise HolonsError(f"dispatch must be one of auto, {', '.join(ALL_METHODS)}, got {dispatch!r}")
     if dispatch in LEARNED_METHODS and not learned:
         raise HolonsError(NO_DISPATCHER)
     if progress is None:
@@ -116,7 +122,7 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
     }
     with atomic_write(out / INFO, "w") as f:
         json.dump(info, f, indent=2)
-    result = {"chromosomes": len(frame), "cases": int(t["case_id"].nunique()),
+    result = {"dispatch": dispatch, "chromosomes": len(frame), "cases": int(t["case_id"].nunique()),
               "skipped": len(ds.report.skipped), "cases_with_warnings": with_warnings}
     if metrics is not None:
         result["metrics"] = {k: v for k, v in metrics.items() if k != "confusion"}
