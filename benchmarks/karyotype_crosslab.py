@@ -6,7 +6,8 @@ Rows (each one ``holons karyotype train`` + ``karyotype predict`` through the Py
   and tested on that style (its own group split); the table also gives each style against its
   tight-cropped twin (padded / jpeg / magnified vs gband, qband_padded_dim vs qband).
 - ``magnification``: the gband model predicts cells of the ``magnified`` style (1.6x) — with
-  ``--scale cell`` rows, whether per-cell scale normalization carries a model across magnifications.
+  ``--scale none`` / ``cell`` rows (suffix ``@scale`` when it differs from the config), whether per-cell
+  scale normalization carries a model across magnifications.
 - ``pki3->karyonet``: trained on pki-3 (its fixed slide-disjoint split), predicts the karyonet
   G-band sample (another lab: padded 242 px JPEGs).
 
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic cells")
     p.add_argument("--seed", type=int, default=0, help="training seed (train.seed)")
     p.add_argument("--budget", type=float, default=1.0, help="multiplies train.epoch_steps")
-    p.add_argument("--scale", choices=["none", "cell"], default="none", help="data.scale of every run")
+    p.add_argument("--scale", choices=["none", "cell"], default=None,
+                   help="data.scale of every run (default: the config's)")
     p.add_argument("--magnification", action="store_true",
                    help="also predict magnified cells with the gband model")
     p.add_argument("--pki3", type=Path, default=None,
@@ -119,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is required (except with --report)")
 
     base = load_config(KaryotypeConfig, args.config)
+    args.scale = args.scale or base.data.scale
     common = [f"train.seed={args.seed}", f"train.threads={args.threads}", f"data.scale={args.scale}"]
     over = overrides(args.budget, base, common)
-    suffix = "" if args.scale == "none" else f"@{args.scale}"
+    suffix = "" if args.scale == base.data.scale else f"@{args.scale}"
     rows = []
     data = args.out / "data"
     for style in args.styles:
