@@ -18,16 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from holons.errors import HolonsError
 from holons.eval.results import format_table, json_safe
 from holons.files import atomic_write
-from holons.finetune.karyotype.data import KaryotypeDataset, load_table
 from holons.finetune.karyotype.evaluate import evaluate_split
-from holons.finetune.karyotype.model_folder import load_model, resolve_device
-from holons.finetune.karyotype.preprocess import Preprocessing
+from holons.finetune.karyotype.model_folder import load_model, resolve_device, run_datasets
 
 KEYS = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", "case_accuracy_greedy",
         "case_accuracy_optimal", "cases_fully_correct_optimal")
@@ -35,18 +32,8 @@ KEYS = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", 
 
 def load_run_test(run: Path, manifest: Path, device: torch.device):
     """A trained run's model, its metadata and its recorded test rows as a dataset."""
-    split = run / "split.csv"
-    if not split.is_file():
-        raise HolonsError(f"{run} has no split.csv (not a `holons karyotype train` run dir)")
     model, meta = load_model(run, device)
-    table, _ = load_table(manifest, default_polarity=meta["config"]["data"]["default_polarity"])
-    test_paths = set(pd.read_csv(split).query("split == 'test'")["path"])
-    table = table[table["path"].isin(test_paths) & (table["label"] >= 0)].reset_index(drop=True)
-    if len(table) != len(test_paths):
-        raise HolonsError(f"{manifest} holds {len(table)} of the run's {len(test_paths)} test rows")
-    test = KaryotypeDataset(table, preprocessing=Preprocessing.from_json(meta["preprocessing"]),
-                            size=meta["source_size"])
-    return model, meta, test
+    return model, meta, run_datasets(run, manifest, meta, names=("test",))["test"]
 
 
 def run_heads(meta: dict, heads: list[str] | None) -> list[str]:

@@ -18,10 +18,10 @@ from holons.data.synthetic.karyotypes import generate_karyotypes
 from holons.errors import HolonsError
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.dispatch import ALL_METHODS, LEARNED_METHODS, dispatch_case
-from holons.finetune.karyotype.fit_dispatch import NO_DISPATCHER, REPORT_FILE, split_datasets
+from holons.finetune.karyotype.fit_dispatch import NO_DISPATCHER, REPORT_FILE
 from holons.finetune.karyotype.inference import predict_dataset, predict_with_features
 from holons.finetune.karyotype.learned_dispatch import META_FILE, WEIGHTS_FILE
-from holons.finetune.karyotype.model_folder import load_model
+from holons.finetune.karyotype.model_folder import load_model, run_datasets
 from holons.finetune.karyotype.predict import predict_karyotypes
 from holons.finetune.karyotype.train import train_karyotype
 
@@ -72,7 +72,7 @@ def test_training_fits_the_dispatcher_and_reports_it(run):
 
 def test_features_concatenate_g_and_l_and_keep_the_probabilities(run):
     model, meta = load_model(run["dir"])
-    test = split_datasets(run["dir"], run["manifest"], meta)["test"]
+    test = run_datasets(run["dir"], run["manifest"], meta, names=("test",))["test"]
     cpu = torch.device("cpu")
     with_features = predict_with_features(model, test, "mean", cpu, 64, hflip=True, vflip=True)
     types, pols = predict_dataset(model, test, "mean", cpu, 64, hflip=True, vflip=True)

@@ -108,7 +108,8 @@ def label_metrics(table: pd.DataFrame, probs: np.ndarray, polarity_probs: np.nda
 
 
 def write_metrics(summary: dict, frame: pd.DataFrame, out_dir: Path, name: str = "summary.json") -> dict:
-    """``predictions.csv`` (when ``frame`` is given), ``confusion.png`` and the JSON ``name``."""
+    """``confusion.png`` of ``frame`` and ``summary`` as the JSON ``name`` in ``out_dir``; returns the
+    summary with the confusion counts."""
     true, pred = frame["label"].to_numpy(), frame["pred_label"].to_numpy()
     counts = confusion_png(true, pred, out_dir / "confusion.png",
                            f"type accuracy {summary['type_accuracy']:.3f} ({len(frame)} chromosomes)")

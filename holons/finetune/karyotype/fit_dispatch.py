@@ -25,12 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from holons.errors import HolonsError
 from holons.files import atomic_write
-from holons.finetune.karyotype.data import KaryotypeDataset, load_table
+from holons.finetune.karyotype.data import KaryotypeDataset
 from holons.finetune.karyotype.dispatch import ALL_METHODS
 from holons.finetune.karyotype.evaluate import label_metrics
 from holons.finetune.karyotype.inference import FeaturePrediction, predict_with_features
@@ -43,19 +42,16 @@ from holons.finetune.karyotype.learned_dispatch import (
     train_cell_dispatcher,
 )
 from holons.finetune.karyotype.model import VarifocalNet
-from holons.finetune.karyotype.preprocess import Preprocessing
+from holons.finetune.karyotype.model_folder import load_model, model_folder, resolve_device, run_datasets
 
 log = logging.getLogger("holons.karyotype")
 REPORT_FILE = "learned_dispatch.json"
-SPLITS = ("train", "val", "test")
 NO_DISPATCHER = ("this model has no learned dispatcher; run "
                  "`holons karyotype fit-dispatch --run RUN --data MANIFEST`")
 
 
 def load_dispatcher(folder: str | Path, device: str | torch.device = "cpu") -> CellDispatcher:
     """The learned dispatcher of a model folder (or run folder); a one-line error when it has none."""
-    from holons.finetune.karyotype.model_folder import model_folder
-
     folder = model_folder(folder)
     if not has_cell_dispatcher(folder):
         raise HolonsError(NO_DISPATCHER)
@@ -124,33 +120,11 @@ def fit_on_datasets(model: VarifocalNet, datasets: dict[str, KaryotypeDataset], 
     return report
 
 
-def split_datasets(run_dir: str | Path, manifest: str | Path, meta: dict,
-                   progress: bool = False) -> dict[str, KaryotypeDataset]:
-    """The run's train / val / test chromosomes (``split.csv`` rows, in its order, found in
-    ``manifest`` by path), preprocessed as the model records."""
-    split_file = Path(run_dir) / "split.csv"
-    if not split_file.is_file():
-        raise HolonsError(f"{run_dir} has no split.csv (pass the run folder of `holons karyotype train`)")
-    split = pd.read_csv(split_file, dtype={"case_id": str, "path": str})
-    table, _ = load_table(manifest, default_polarity=int(meta["config"]["data"].get("default_polarity", 1)))
-    table = table[table["label"] >= 0].drop_duplicates("path").set_index("path")
-    missing = split.loc[~split["path"].isin(table.index), "path"]
-    if len(missing):
-        raise HolonsError(f"{manifest}: {len(missing)} of the run's {len(split)} chromosomes are not in it "
-                          f"with a label (first: {missing.iloc[0]}); pass the run's own manifest")
-    prep = Preprocessing.from_json(meta["preprocessing"])
-    return {name: KaryotypeDataset(table.loc[split.loc[split["split"] == name, "path"]].reset_index(),
-                                   preprocessing=prep, size=meta["source_size"], progress=progress)
-            for name in SPLITS}
-
-
 def fit_learned_dispatch(run_dir: str | Path, manifest: str | Path, *, steps: int = 600, seed: int = 0,
                          device: str = "cpu", progress: bool | None = None) -> dict:
     """Fit the learned dispatcher of the run in ``run_dir`` on ``manifest`` (the run's own; see the
     module doc) and return the comparison written to ``run_dir/eval/learned_dispatch.json``."""
     import sys
-
-    from holons.finetune.karyotype.model_folder import load_model, model_folder, resolve_device
 
     if steps < 1:
         raise HolonsError(f"steps must be >= 1, got {steps}")
@@ -159,7 +133,7 @@ def fit_learned_dispatch(run_dir: str | Path, manifest: str | Path, *, steps: in
     dev = resolve_device(device)
     run_dir = Path(run_dir)
     model, meta = load_model(run_dir, dev)
-    datasets = split_datasets(run_dir, manifest, meta, progress)
+    datasets = run_datasets(run_dir, manifest, meta, progress=progress)
     train_cfg = meta["config"]["train"]
     report = fit_on_datasets(model, datasets, model_folder(run_dir), run_dir / "eval", head=meta["head"],
                              hflip=bool(train_cfg.get("test_time_hflip", False)),

@@ -1,6 +1,7 @@
 """A trained karyotype model as a folder: ``model.safetensors`` + ``karyotype.json`` (config, the
-recorded :class:`~holons.finetune.karyotype.preprocess.Preprocessing`, sizes, head), and the device
-it runs on. What ``predict``, ``fit-dispatch`` and the benchmarks load."""
+recorded :class:`~holons.finetune.karyotype.preprocess.Preprocessing`, sizes, head), the device it
+runs on, and a run's recorded splits rebuilt from ``split.csv``. What ``predict``, ``fit-dispatch``
+and the benchmarks load."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import platform
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from holons.config import to_dict
 from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.karyotype.config import KaryotypeConfig
+from holons.finetune.karyotype.data import KaryotypeDataset, load_table
 from holons.finetune.karyotype.model import VarifocalNet
 from holons.finetune.karyotype.preprocess import Preprocessing
 
@@ -79,3 +82,25 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if "preprocessing" not in meta:  # folders of format 1 recorded the canvas and the stain only
         meta["preprocessing"] = Preprocessing(stain=meta["stain"], canvas=meta["canvas"]).to_json()
     return model.to(device).eval(), meta
+
+
+def run_datasets(run_dir: str | Path, manifest: str | Path, meta: dict, *,
+                 names: tuple[str, ...] = ("train", "val", "test"),
+                 progress: bool = False) -> dict[str, KaryotypeDataset]:
+    """A run's recorded splits ``names`` (``split.csv`` rows, in its order, found in ``manifest`` by
+    path), preprocessed as the model records: the chromosomes the run trained and was tested on."""
+    split_file = Path(run_dir) / "split.csv"
+    if not split_file.is_file():
+        raise HolonsError(f"{run_dir} has no split.csv (pass the run folder of `holons karyotype train`)")
+    split = pd.read_csv(split_file, dtype={"case_id": str, "path": str})
+    split = split[split["split"].isin(names)]
+    table, _ = load_table(manifest, default_polarity=int(meta["config"]["data"].get("default_polarity", 1)))
+    table = table[table["label"] >= 0].drop_duplicates("path").set_index("path")
+    missing = split.loc[~split["path"].isin(table.index), "path"]
+    if len(missing):
+        raise HolonsError(f"{manifest}: {len(missing)} of the run's {len(split)} chromosomes are not in it "
+                          f"with a label (first: {missing.iloc[0]}); pass the run's own manifest")
+    prep = Preprocessing.from_json(meta["preprocessing"])
+    return {name: KaryotypeDataset(table.loc[split.loc[split["split"] == name, "path"]].reset_index(),
+                                   preprocessing=prep, size=meta["source_size"], progress=progress)
+            for name in names}

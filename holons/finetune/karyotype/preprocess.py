@@ -216,24 +216,22 @@ def reference_length(lengths: Sequence[float], cases: Sequence[str]) -> float:
     return float(np.median(medians)) if medians else float(np.median(lengths))
 
 
-def resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Area-filtered resize of a float image (Pillow's BOX filter on mode F)."""
+def resize(x: np.ndarray, width: int, height: int, *, enlarge_bilinear: bool = False) -> np.ndarray:
+    """Resize a float image with Pillow on mode F: area filter (BOX), or bilinear when
+    ``enlarge_bilinear`` (a box filter enlarges by pixel replication)."""
     from PIL import Image
 
+    mode = Image.Resampling.BILINEAR if enlarge_bilinear else Image.Resampling.BOX
     return np.asarray(Image.fromarray(np.ascontiguousarray(x, np.float32), mode="F").resize(
-        (width, height), Image.Resampling.BOX), dtype=np.float32)
+        (width, height), mode), dtype=np.float32)
 
 
 def rescale(crop: np.ndarray, factor: float) -> np.ndarray:
     """``crop`` resized by ``factor`` (area filter when shrinking, bilinear when enlarging)."""
     if abs(factor - 1.0) < 1e-3:
         return crop
-    from PIL import Image
-
     h, w = max(1, round(crop.shape[0] * factor)), max(1, round(crop.shape[1] * factor))
-    mode = Image.Resampling.BOX if factor < 1 else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(np.ascontiguousarray(crop, np.float32), mode="F").resize(
-        (w, h), mode), dtype=np.float32)
+    return resize(crop, w, h, enlarge_bilinear=factor > 1)
 
 
 def place_on_canvas(x: np.ndarray, canvas: int) -> tuple[np.ndarray, bool]:

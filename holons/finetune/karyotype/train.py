@@ -215,11 +215,12 @@ def best_head(model: VarifocalNet, cfg: KaryotypeConfig, val: KaryotypeDataset,
     heads = trained_heads(cfg)
     if len(val) == 0:
         return heads[0], {}
-    scores = {}
-    for head in heads:
-        types, _ = predict_dataset(model, val, head, device, cfg.train.eval_batch_size,
-                                   hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip)
-        scores[head] = float((types.argmax(1) == val.labels).float().mean())
+    probs = {head: predict_dataset(model, val, head, device, cfg.train.eval_batch_size,
+                                   hflip=cfg.train.test_time_hflip, vflip=cfg.train.test_time_vflip)[0]
+             for head in heads if head != "mean"}
+    if "mean" in heads:  # the average of the G and L probabilities, view by view: no third pass
+        probs["mean"] = (probs["g"] + probs["l"]) / 2
+    scores = {head: float((probs[head].argmax(1) == val.labels).float().mean()) for head in heads}
     return max(heads, key=lambda h: scores[h]), scores
 
 
