@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from holons.cli import demo_steps, main
+from holons.cli import main
+from holons.cli.demo import demo_steps
 
 torch.set_num_threads(1)
 
