@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from holons.data.cache import build_cache, fit_to_square
+from holons.data.cache import build_cache
 from holons.data.dataset import CachedImageDataset
 from holons.data.index import index_archive, read_manifest
+from holons.data.preprocess import Preprocessing
 from holons.data.readers import read_image
 
 
@@ -102,7 +103,7 @@ class SourceDecodeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        canvas, _ = fit_to_square(read_image(self.paths[index]).pixels, self.size)
+        canvas, _ = Preprocessing(size=self.size).apply(read_image(self.paths[index]).pixels)
         return torch.from_numpy(canvas).unsqueeze(0)
 
 

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from holons.cli import main
 from holons.data import cache as cache_module
-from holons.data.cache import CacheError, build_cache, cache_to_source, format_cache_summary
+from holons.data.cache import CacheError, build_cache, format_cache_summary
 from holons.data.dataset import CachedImageDataset
+from holons.data.preprocess import Geometry
 from holons.data.splits import patient_keys, patient_splits
 
 SIZE = 32
@@ -139,7 +140,7 @@ def test_aspect_kept_and_padding(archive):
     assert float((image[0] > 0).float().mean()) == pytest.approx(0.5)
     tall = rows.loc["png/tall.png"]
     assert (tall.content_h, tall.content_w, tall.pad_top, tall.pad_left) == (32, 16, 0, 8)
-    corners = cache_to_source(np.array([[8.0, 0.0], [24.0, 32.0]]), tall)
+    corners = Geometry.from_row(tall).to_source(np.array([[8.0, 0.0], [24.0, 32.0]]))
     np.testing.assert_allclose(corners, [[0, 0], [32, 64]])
     square = rows.loc["dicom/img0.dcm"]
     assert (square.content_h, square.pad_top, square.pad_left) == (SIZE, 0, 0)

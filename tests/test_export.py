@@ -11,7 +11,7 @@ from pretrain_fixtures import tiny_config, write_phantoms
 
 from holons.cli import main
 from holons.errors import HolonsError
-from holons.ssl.export import export, foundation_stats, load_foundation
+from holons.ssl.export import export, foundation_preprocessing, foundation_stats, load_foundation
 from holons.ssl.trainer import pretrain
 
 
@@ -58,6 +58,8 @@ def test_load_foundation_and_a_new_head(run, tmp_path):
         assert torch.equal(backbone(x), result.teacher.backbone.model.eval()(x))
         assert backbone.forward_dense(x).ndim == 4
     assert foundation_stats(out)["mean"] == (0.4,)
+    prep = foundation_preprocessing(out)  # the radiograph preprocessing contract travels with the weights
+    assert (prep.size, prep.resize) == (foundation_stats(out)["input_size"][-1], "letterbox")
     # fine-tuning style: a classifier on top, 3 input channels adapted from the 1-channel stem
     clf = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=5, in_chans=3)
     assert clf(torch.randn(1, 3, 64, 64)).shape == (1, 5)

@@ -1,9 +1,10 @@
 """Decode-once cache: every ``ok`` image of a manifest decoded once, resized and stored in shards.
 
 Decoding a 12-bit DICOM costs far more than training on it; the cache pays that cost once.
-Each image is read with ``holons.data.readers.read_image`` (VOI policy ``voi``), resized with
-its aspect ratio kept so that its longer side is ``size``, centred on a ``size x size`` canvas
-padded with 0 (background), and stored as uint8 or uint16.
+Each image is read with ``holons.data.readers.read_image`` (VOI policy ``voi``), prepared by the
+radiograph preprocessing contract (``holons.data.preprocess.Preprocessing``, ``resize="letterbox"``:
+aspect ratio kept, longer side ``size``, centred on a zero ``size x size`` canvas), and stored as
+uint8 or uint16.
 
 Layout of a cache folder::
 
@@ -20,7 +21,7 @@ Index columns: ``path`` (manifest path, relative to the archive root), ``shard``
 content_w`` (where the image sits on the canvas), ``spacing_row, spacing_col`` (source pixel
 spacing in mm, NaN when unknown), ``patient_id, study_id, series_id, modality, body_part,
 view_position, format, size, mtime`` (from the manifest) and ``split`` (train / val / test, by
-patient, see ``holons.data.splits``). ``cache_to_source`` maps cache coordinates back.
+patient, see ``holons.data.splits``). ``Geometry.from_row(row).to_source`` maps cache coordinates back.
 
 Reliability: every shard and its record are written to a temporary file and renamed; a shard
 counts only once its record exists. A rerun (after a kill, or with a grown manifest) keeps every
@@ -40,17 +41,19 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from holons.data.preprocess import Geometry, Preprocessing
 from holons.errors import HolonsError
 from holons.files import atomic_path, atomic_write
 
 CACHE_VERSION = 1
 MAX_VALUE = {"uint8": 255, "uint16": 65535}
-GEOMETRY_COLUMNS = ("orig_h", "orig_w", "scale_y", "scale_x", "pad_top", "pad_left", "content_h", "content_w")
+GEOMETRY_COLUMNS = tuple(f.name for f in fields(Geometry))
 MANIFEST_META_COLUMNS = (
     "patient_id", "study_id", "series_id", "modality", "body_part", "view_position", "format",
 )
@@ -68,43 +71,7 @@ class CacheError(HolonsError):
     """The cache folder, its settings or its manifest cannot be used."""
 
 
-# --------------------------------------------------------------------------- geometry
-def fit_to_square(pixels: np.ndarray, size: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Resize ``pixels`` (float H x W) so its longer side is ``size``, centred on a zero canvas.
-
-    Resampling is PIL's bilinear filter, whose support widens when shrinking (antialiased).
-    Returns the float32 ``size x size`` canvas and its geometry (see ``GEOMETRY_COLUMNS``).
-    """
-    from PIL import Image
-
-    h, w = pixels.shape
-    scale = size / max(h, w)
-    content_h = min(size, max(1, round(h * scale)))
-    content_w = min(size, max(1, round(w * scale)))
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
-    if (content_h, content_w) != (h, w):
-        image = image.resize((content_w, content_h), Image.Resampling.BILINEAR)
-    pad_top, pad_left = (size - content_h) // 2, (size - content_w) // 2
-    canvas = np.zeros((size, size), dtype=np.float32)
-    canvas[pad_top:pad_top + content_h, pad_left:pad_left + content_w] = np.asarray(image, dtype=np.float32)
-    geometry = {
-        "orig_h": h, "orig_w": w, "scale_y": content_h / h, "scale_x": content_w / w,
-        "pad_top": pad_top, "pad_left": pad_left, "content_h": content_h, "content_w": content_w,
-    }
-    return canvas, geometry
-
-
-def cache_to_source(xy: np.ndarray, row: Any) -> np.ndarray:
-    """Map (x, y) points from cache to source pixel coordinates of one index row.
-
-    Coordinates are continuous with the origin at the top-left corner of the top-left pixel
-    (a pixel centre is at i + 0.5), the convention in which resizing is a pure scale.
-    """
-    xy = np.asarray(xy, dtype=np.float64)
-    return np.stack([(xy[..., 0] - row["pad_left"]) / row["scale_x"],
-                     (xy[..., 1] - row["pad_top"]) / row["scale_y"]], axis=-1)
-
-
+# --------------------------------------------------------------------------- storage
 def quantize(canvas: np.ndarray, dtype: str) -> np.ndarray:
     """[0, 1] floats to the stored integer type (round to nearest)."""
     return np.rint(np.clip(canvas, 0.0, 1.0) * MAX_VALUE[dtype]).astype(dtype)
@@ -132,9 +99,9 @@ def decode_for_cache(path: str, size: int, dtype: str, voi: str) -> dict[str, An
             return {"status": "skipped", "reason": f"decoded pixels have shape {pixels.shape}, not H x W"}
         if not np.isfinite(pixels).all():
             return {"status": "skipped", "reason": "decoded pixels are not finite"}
-        canvas, geometry = fit_to_square(pixels, size)
+        canvas, geometry = Preprocessing(size=size, resize="letterbox", voi=voi).apply(pixels)
         spacing_row, spacing_col = _spacing(image.meta)
-        return {"status": "cached", "reason": "", "pixels": quantize(canvas, dtype), **geometry,
+        return {"status": "cached", "reason": "", "pixels": quantize(canvas, dtype), **geometry.as_dict(),
                 "spacing_row": spacing_row, "spacing_col": spacing_col}
     except UnreadableImage as e:
         return {"status": "skipped", "reason": str(getattr(e, "reason", "") or e)}

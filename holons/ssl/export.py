@@ -7,7 +7,9 @@
 
 rebuilds the backbone with ``in_chans=1``, no classifier, and our normalization (mean / std)
 and training input size recorded in its ``pretrained_cfg``. Only plain tensors are written
-(no pickles); run provenance goes in a separate top-level ``holons`` key that timm ignores.
+(no pickles); run provenance goes in a separate top-level ``holons`` key and the radiograph
+preprocessing contract (``holons.data.preprocess.Preprocessing``) in ``preprocessing``, both
+ignored by timm; ``foundation_preprocessing`` reads the latter back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Literal
 from safetensors.torch import save_file
 from torch import nn
 
+from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
 from holons.files import atomic_path, atomic_write
 from holons.ssl.checkpoint import load_checkpoint, resolve_checkpoint
@@ -42,7 +45,8 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 def timm_config(architecture: str, num_features: int, *, in_chans: int, input_size: int,
                 mean: float, std: float, model_args: dict[str, Any] | None = None,
-                provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                provenance: dict[str, Any] | None = None,
+                preprocessing: Preprocessing | None = None) -> dict[str, Any]:
     """The ``config.json`` content timm's ``local-dir:`` loader reads (timm >= 1.0 hub format)."""
     import timm
 
@@ -77,6 +81,8 @@ def timm_config(architecture: str, num_features: int, *, in_chans: int, input_si
         cfg["global_pool"] = global_pool
     if provenance:
         cfg["holons"] = provenance
+    if preprocessing is not None:
+        cfg["preprocessing"] = preprocessing.to_dict()
     return cfg
 
 
@@ -123,8 +129,28 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None,
     }
     config = timm_config(name, backbone.embed_dim, in_chans=1, input_size=input_size,
                          mean=float(data_cfg["mean"]), std=float(data_cfg["std"]),
-                         model_args=model_args, provenance=provenance)
+                         model_args=model_args, provenance=provenance,
+                         preprocessing=Preprocessing(size=input_size, resize="letterbox",
+                                                     voi=_pretraining_voi(data_cfg)))
     return save_foundation(backbone.model, out_dir if out_dir is not None else run / "exported", config)
+
+
+def _pretraining_voi(data_cfg: dict[str, Any]) -> str:
+    """The VOI policy the pretraining images were read with: the cache's, else the reader's default."""
+    settings = Path(str(data_cfg.get("cache_dir") or "")) / "cache.json"
+    if data_cfg.get("cache_dir") and settings.is_file():
+        return str(json.loads(settings.read_text()).get("voi", "window"))
+    return "window"
+
+
+def foundation_preprocessing(path: str | Path) -> Preprocessing:
+    """The preprocessing an exported folder was trained with (``config.json``); a timm folder from
+    elsewhere, without that key, gets the default contract at its recorded input size."""
+    cfg = json.loads((Path(path) / CONFIG_NAME).read_text())
+    if "preprocessing" in cfg:
+        return Preprocessing.from_dict(cfg["preprocessing"])
+    input_size = cfg.get("pretrained_cfg", {}).get("input_size", [1, 224, 224])
+    return Preprocessing(size=int(input_size[-1]))
 
 
 def load_foundation(path: str | Path, **kwargs) -> nn.Module:
@@ -150,4 +176,5 @@ def foundation_stats(path: str | Path) -> dict[str, Any]:
     return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "input_size": tuple(cfg["input_size"])}
 
 
-__all__ = ["export", "load_foundation", "foundation_stats", "save_foundation", "timm_config"]
+__all__ = ["export", "load_foundation", "foundation_preprocessing", "foundation_stats", "save_foundation",
+           "timm_config"]

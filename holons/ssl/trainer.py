@@ -86,9 +86,8 @@ class ImageFolderDataset(Dataset):
     in ``skipped`` and left out."""
 
     def __init__(self, root: str | Path, size: int, max_images: int | None = None) -> None:
-        from holons.data.cache import fit_to_square
         from holons.data.formats import detect_format
-        from holons.data.readers import read_image
+        from holons.data.preprocess import Preprocessing
 
         root = Path(root)
         if not root.is_dir():
@@ -100,8 +99,7 @@ class ImageFolderDataset(Dataset):
             if detect_format(path) is None:
                 continue
             try:
-                pixels = read_image(path).pixels
-                canvas, _ = fit_to_square(np.asarray(pixels, dtype=np.float32), size)
+                canvas, _ = Preprocessing(size=size).read(path)
             except HolonsError:
                 self.skipped += 1
                 continue
