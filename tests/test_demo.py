@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from holons.cli import main
-from holons.cli.demo import demo_steps
+from holons.cli.demo import STEP_COST, demo_steps, step_cost, time_left
 
 torch.set_num_threads(1)
 
@@ -113,3 +113,12 @@ def test_demo_folder_of_an_older_layout_is_refused(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--n", "12", "--fast"]) == 2
     assert "another holons version" in capsys.readouterr().err
     assert not (out / "phantoms").exists()
+
+
+def test_time_left_scales_the_remaining_costs_by_the_pace_so_far():
+    costs = [step_cost(argv) for _, argv in demo_steps(Path("d"))]
+    assert costs[0] == STEP_COST["synth"] and max(costs) == STEP_COST["evaluate"]
+    assert time_left([2.0, 20.0, 10.0], []) is None
+    assert time_left([2.0, 20.0, 10.0], [None]) is None  # a skipped step is not timed
+    assert time_left([2.0, 20.0, 10.0], [4.0, 40.0]) == pytest.approx(20.0)  # 2 s per unit, 10 units left
+    assert time_left([2.0, 20.0, 10.0], [None, 30.0]) == pytest.approx(15.0)

@@ -116,6 +116,27 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> li
     return steps
 
 
+# Rough relative cost of each kind of step in the full-size demo (2 cores); the time-left estimate
+# scales them by how long the steps run so far actually took, so only their proportions matter.
+STEP_COST = {"synth": 2.0, "index": 0.5, "cache": 1.0, "pretrain": 20.0, "export": 0.3,
+             "karyotype train": 15.0, "karyotype": 0.5, "evaluate": 25.0}
+
+
+def step_cost(argv: list[str]) -> float:
+    """Relative cost of a demo step (``STEP_COST``, by its subcommand)."""
+    return STEP_COST.get(" ".join(argv[:2]), STEP_COST.get(argv[0], 1.0))
+
+
+def time_left(costs: list[float], seconds: list[float | None]) -> float | None:
+    """Seconds the steps after ``len(seconds)`` should take: their costs at the pace of the steps timed
+    so far (``None``: skipped, not timed). None until a step worth timing has run."""
+    timed = [(c, s) for c, s in zip(costs[:len(seconds)], seconds, strict=True) if s is not None]
+    spent_cost = sum(c for c, _ in timed)
+    if spent_cost < 1.0:
+        return None
+    return sum(costs[len(seconds):]) * sum(s for _, s in timed) / spent_cost
+
+
 def _step_key(argv: list[str]) -> list[str]:
     """What identifies a finished step: its arguments without the resume flag added on reruns."""
     return [a for a in argv if a != "--resume"]
@@ -201,21 +222,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     load_start = os.getloadavg()[0]
     steps = demo_steps(out, n=args.n, seed=args.seed, fast=args.fast)
     times: list[tuple[str, str]] = []
+    costs, seconds = [step_cost(argv) for _, argv in steps], []
     for i, (title, argv) in enumerate(steps, 1):
         target = _step_output(argv)
         key = _step_key(argv)
         if key in state["done"] and (target is None or target.exists()):
             print(f"\n[{i}/{len(steps)}] {title}: done in an earlier run, skipped", flush=True)
             times.append((title, "skipped"))
+            seconds.append(None)
             continue
-        print(f"\n[{i}/{len(steps)}] {title}:\n  holons {shlex.join(argv)}", flush=True)
+        left = time_left(costs, seconds)
+        eta = f" (about {max(1, round(left / 60))} min left)" if left is not None else ""
+        print(f"\n[{i}/{len(steps)}] {title}{eta}:\n  holons {shlex.join(argv)}", flush=True)
         t1 = time.perf_counter()
         rc = args.run_command(argv)
-        if rc != 0:
-            print(f"demo stopped: step {i} ({title}) failed with exit status {rc}; fix the cause and rerun "
-                  "`holons demo` with the same arguments to continue from this step", file=sys.stderr)
+        rerun = f"rerun `holons demo` with the same arguments to continue from step {i}"
+        if rc == 130:
+            print(f"demo interrupted during step {i} ({title}); {rerun}", file=sys.stderr)
             return rc
-        times.append((title, f"{time.perf_counter() - t1:.0f} s"))
+        if rc != 0:
+            print(f"demo stopped: step {i} ({title}) failed with exit status {rc}; fix the cause and {rerun}",
+                  file=sys.stderr)
+            return rc
+        seconds.append(time.perf_counter() - t1)
+        times.append((title, f"{seconds[-1]:.0f} s"))
         state["done"] = [a for a in state["done"] if a != key] + [key]
         with atomic_write(state_file, "w") as f:
             json.dump(state, f, indent=1)
