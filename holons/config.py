@@ -136,10 +136,14 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None) -> T:
-    """Build ``cls`` from its defaults, then a YAML file, then overrides; unknown keys are errors."""
+def load_config(cls: type[T], path: str | Path | dict | None = None,
+                overrides: list[str] | dict | None = None) -> T:
+    """Build ``cls`` from its defaults, then a YAML file (or a dict of the same shape), then overrides;
+    unknown keys are errors."""
     data = to_dict(cls())
-    if path is not None:
+    if isinstance(path, dict):
+        data = _merge(data, path)
+    elif path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -154,6 +158,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         data = _merge(data, extra)
     return _build(cls, data)
+
+
+def resolve_config(cls: type[T], config: T | str | Path | dict | None,
+                   overrides: list[str] | dict | None = None) -> T:
+    """The one way every API entry point reads its config: defaults < ``config`` (a ``cls``
+    instance, a YAML path, a dict or None) < overrides (``key.sub=value`` strings or a dict)."""
+    if isinstance(config, cls):
+        if not overrides:
+            return config
+        config = to_dict(config)
+    return load_config(cls, config, overrides)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

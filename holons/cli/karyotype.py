@@ -56,27 +56,26 @@ def _cmd_karyotype_train(args: argparse.Namespace) -> int:
     import json
     import shlex
 
-    from holons.config import load_config
-    from holons.finetune.karyotype.config import KaryotypeConfig
-    from holons.finetune.karyotype.train import KaryotypeInterrupted, train_karyotype
+    from holons.finetune.karyotype import api
+    from holons.finetune.karyotype.train import KaryotypeInterrupted
 
-    cfg = load_config(KaryotypeConfig, args.config, args.overrides)
     try:
-        summary = train_karyotype(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite)
+        run = api.train(args.config, data=args.data, out=args.out, overrides=args.overrides,
+                        resume=args.resume, overwrite=args.overwrite)
     except KaryotypeInterrupted as e:  # state saved; exit like the signal (143 SIGTERM, 130 SIGINT)
         command = ["holons", "karyotype", "train"] + (["--config", str(args.config)] if args.config else [])
         command += ["--data", str(args.data), "--out", str(args.out), "--resume", *args.overrides]
         print(f"holons karyotype train: {e}\ncontinue with: {shlex.join(command)}", file=sys.stderr)
         return 128 + e.signum
-    print(json.dumps({k: v for k, v in summary.items() if k != "confusion"}, indent=2))
+    print(json.dumps({k: v for k, v in run.metrics.items() if k != "confusion"}, indent=2))
     return 0
 
 
 def _cmd_karyotype_predict(args: argparse.Namespace) -> int:
-    from holons.finetune.karyotype.predict import predict_karyotypes
+    from holons.finetune.karyotype import api
 
-    summary = predict_karyotypes(args.model, args.data, args.out, dispatch=args.dispatch,
-                                 batch_size=args.batch_size)
+    summary = api.predict(args.model, args.data, args.out, dispatch=args.dispatch,
+                          batch_size=args.batch_size).summary
     print(f"predicted {summary['chromosomes']} chromosomes in {summary['cases']} cases "
           f"({summary['skipped']} unreadable, {summary['cases_with_warnings']} cases with warnings); "
           f"wrote {args.out / 'predictions.csv'}")
@@ -89,9 +88,10 @@ def _cmd_karyotype_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_karyotype_fit_dispatch(args: argparse.Namespace) -> int:
-    from holons.finetune.karyotype.fit_dispatch import REPORT_FILE, fit_learned_dispatch, format_report
+    from holons.finetune.karyotype import api
+    from holons.finetune.karyotype.fit_dispatch import REPORT_FILE, format_report
 
-    report = fit_learned_dispatch(args.run, args.data, steps=args.steps, seed=args.seed, device=args.device)
+    report = api.fit_dispatch(args.run, args.data, steps=args.steps, seed=args.seed, device=args.device)
     print(format_report(report))
     print(f"saved the dispatcher into the model folder; wrote {args.run / 'eval' / REPORT_FILE} "
           "(use it with `holons karyotype predict --dispatch learned`)")
@@ -99,9 +99,9 @@ def _cmd_karyotype_fit_dispatch(args: argparse.Namespace) -> int:
 
 
 def _cmd_karyotype_karyogram(args: argparse.Namespace) -> int:
-    from holons.finetune.karyotype.karyogram import karyogram_from_predictions
+    from holons.finetune.karyotype import api
 
-    karyogram_from_predictions(args.predictions, args.case, args.out)
+    api.karyogram(args.predictions, args.case, args.out)
     print(f"wrote {args.out}")
     return 0
 
