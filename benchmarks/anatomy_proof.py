@@ -213,8 +213,9 @@ def comparable_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from holons.config import load_config, to_dict
     from holons.ssl.config import PretrainConfig
 
+    cfg = {k: v for k, v in cfg.items() if k not in ("resume", "overwrite")}  # run flags of older configs
     d = to_dict(load_config(PretrainConfig, None, cfg))
-    for key in ("resume", "overwrite", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         d.pop(key, None)
     return d
 
@@ -222,7 +223,7 @@ def comparable_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def pretrain_or_resume(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> Any:
     """``pretrain`` ``cfg`` into ``run_dir``. With ``reuse``, an interrupted run of the same config
     (stopped, killed) continues from its last checkpoint; otherwise the run dir starts over."""
-    from holons.ssl.checkpoint import latest_checkpoint
+    from holons.runs import latest_checkpoint
     from holons.ssl.trainer import pretrain
 
     previous = run_dir / "config.yaml"
@@ -230,7 +231,7 @@ def pretrain_or_resume(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> Any:
               and comparable_config(yaml.safe_load(previous.read_text())) == comparable_config(cfg))
     if resume:
         _log(f"pretrain: {run_dir.name} continues from its last checkpoint")
-    return pretrain(cfg, run_dir, ["resume=true" if resume else "overwrite=true"], progress=False)
+    return pretrain(cfg, run_dir, resume=resume, overwrite=not resume, progress=False)
 
 
 def run_pretraining(cfg: dict[str, Any], run_dir: Path, reuse: bool) -> dict[str, Any]:

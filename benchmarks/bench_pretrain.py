@@ -203,8 +203,9 @@ def bench_overhead(args: argparse.Namespace, cache: Path, work: Path) -> dict[st
     from holons.config import load_config
     from holons.ssl import distributed as du
     from holons.ssl.config import PretrainConfig, validate
+    from holons.ssl.student import embed_grouped
     from holons.ssl.teacher import update_teacher
-    from holons.ssl.trainer import Trainer, embed_grouped
+    from holons.ssl.trainer import Trainer
 
     overrides = {"device": args.device, "data": {"cache_dir": str(cache)}}
     if args.batch is not None:
@@ -219,7 +220,7 @@ def bench_overhead(args: argparse.Namespace, cache: Path, work: Path) -> dict[st
     images = torch.stack([x["image"] if isinstance(x, dict) else x for x in items]).to(device)
     views = tr.make_views(images, seg, seg.start)
     tr.make_views = lambda images, seg, step: views  # train_step now reuses these exact views
-    norm = tr._normalize
+    norm = tr.normalize
     s_in = {"global": views.global_crops.flatten(0, 1), "local": views.local_crops.flatten(0, 1),
             "parts": views.parts.flatten(0, 1), "whole": views.whole}
     t_in = {"whole": views.whole, "parts": views.parts.flatten(0, 1)}
@@ -234,14 +235,14 @@ def bench_overhead(args: argparse.Namespace, cache: Path, work: Path) -> dict[st
 
     def bare() -> None:
         tr.student.train()
-        with tr._autocast():
+        with tr.autocast():
             emb = embed_grouped(backbone, {k: norm(v) for k, v in s_in.items()})
             loss = sum(e.float().sum() for e in emb.values())
         tr.optimizer.zero_grad(set_to_none=True)
         loss.backward()
 
     def teacher_forward() -> None:
-        with torch.no_grad(), tr._autocast():
+        with torch.no_grad(), tr.autocast():
             emb = embed_grouped(tr.teacher.backbone, {k: norm(v) for k, v in t_in.items()})
             tr.teacher.loc_head(emb["whole"])
             tr.teacher.loc_head(emb["parts"])

@@ -24,7 +24,7 @@ from holons.errors import HolonsError
 from holons.eval.results import format_table, json_safe
 from holons.files import atomic_write
 from holons.finetune.karyotype.data import random_affine
-from holons.finetune.karyotype.model_folder import resolve_device
+from holons.runs import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from karyotype_reeval import load_run_test, run_arguments, run_heads  # noqa: E402

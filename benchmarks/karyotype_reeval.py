@@ -24,7 +24,8 @@ from holons.errors import HolonsError
 from holons.eval.results import format_table, json_safe
 from holons.files import atomic_write
 from holons.finetune.karyotype.evaluate import evaluate_split
-from holons.finetune.karyotype.model_folder import load_model, resolve_device, run_datasets
+from holons.finetune.karyotype.model_folder import load_model, run_datasets
+from holons.runs import resolve_device
 
 KEYS = ("type_accuracy", "polarity_accuracy", "macro_f1", "case_accuracy_none", "case_accuracy_greedy",
         "case_accuracy_optimal", "cases_fully_correct_optimal")

@@ -26,12 +26,12 @@ from holons.finetune.karyotype.losses import phase_loss
 from holons.finetune.karyotype.model import VarifocalNet
 from holons.finetune.karyotype.schedule import schedule
 from holons.finetune.karyotype.train import (
-    load_checkpoint,
     prepare_data,
     set_trainable,
     shuffled_batches,
     validate_phase,
 )
+from holons.runs import load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(KaryotypeConfig, None, yaml.safe_load((args.run / "config.yaml").read_text()))
     cfg.data.max_train_cases = args.cases
     cfg.model.g_pretrained_dir = cfg.model.l_pretrained_dir = None  # the weights come from the checkpoint
-    checkpoint = load_checkpoint(args.run / "checkpoints" / "lnet_1.pt")
+    checkpoint = load_checkpoint(args.run / "checkpoints" / "lnet_1.pt", unversioned_ok=True)
     cfg.data.canvas = int(checkpoint["canvas"])  # the run's canvas, whatever cells are drawn here
     data = prepare_data(cfg, args.manifest)
     state = checkpoint["model"]

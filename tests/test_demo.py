@@ -23,7 +23,13 @@ def test_demo_steps_are_cli_commands(tmp_path):
     for needed in ("index", "cache", "pretrain", "export", "karyotype"):
         assert needed in commands
     pretrain = [argv for _, argv in steps if argv[0] == "pretrain"]
-    assert len(pretrain) == 2 and all("resume=true" in argv for argv in pretrain)  # reruns resume
+    assert len(pretrain) == 2 and not any("--resume" in argv for argv in pretrain)  # new folders: fresh runs
+    # a rerun resumes the run that holds a checkpoint (an interrupted one), and only that one
+    (tmp_path / "d" / "runs" / "dino" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "d" / "runs" / "dino" / "checkpoints" / "step_00000001.pt").write_bytes(b"")
+    again = {argv[argv.index("--out") + 1]: argv for _, argv in demo_steps(tmp_path / "d", n=20, seed=1)
+             if argv[0] == "pretrain"}
+    assert ["--resume" in argv for argv in again.values()] == [False, True]
     compare = steps[-1][1]
     assert compare[1] == "compare" and "random" in compare and "--fast" not in compare
     assert compare[compare.index("--seeds") + 1:compare.index("--seeds") + 4] == ["0", "1", "2"]

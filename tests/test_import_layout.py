@@ -5,9 +5,10 @@ including those inside functions (lazy imports still tie two modules together). 
 
 (a) no import cycle between holons modules;
 (b) imports run one way (DESIGN.md, "Package layout"): ``holons.data`` and ``holons.anatomy``
-    (and the shared top-level helpers ``errors``, ``files``, ``config``, ``signals``) import
-    nothing from ``ssl`` / ``finetune`` / ``eval`` / ``cli``; ``ssl`` nothing from ``finetune`` /
-    ``eval`` / ``cli``; ``finetune`` nothing from ``eval`` / ``cli``; ``eval`` nothing from ``cli``.
+    (and the shared top-level helpers ``errors``, ``files``, ``config``, ``signals`` and the run
+    layer ``runs``) import nothing from ``ssl`` / ``finetune`` / ``eval`` / ``cli``; ``ssl``
+    nothing from ``finetune`` / ``eval`` / ``cli``; ``finetune`` nothing from ``eval`` / ``cli``;
+    ``eval`` nothing from ``cli``.
 
 An import of a package (``from holons.data import read_image``) is an edge to the package's
 ``__init__``; the implicit import of parent packages when a submodule is imported is not an edge
@@ -29,6 +30,7 @@ LAYERS = {
     "holons.files": 0,
     "holons.config": 0,
     "holons.signals": 0,
+    "holons.runs": 0,
     "holons.data": 0,
     "holons.anatomy": 0,
     "holons.ssl": 1,

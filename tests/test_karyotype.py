@@ -14,7 +14,7 @@ import torch
 from holons.cli import main as cli_main
 from holons.config import load_config
 from holons.data.synthetic.karyotypes import generate_karyotypes, render_chromosome
-from holons.errors import ConfigError
+from holons.errors import ConfigError, HolonsError
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
     KaryotypeDataset,
@@ -401,6 +401,33 @@ def test_varifocal_schedule_runs_and_resumes(synthetic, tmp_path):
     train_karyotype(cfg, synthetic, tmp_path / "vf", resume=True)
     phases = [json.loads(line)["phase"] for line in (tmp_path / "vf" / "metrics.jsonl").open()]
     assert phases == ["gnet", "localizer", "lnet_1", "locrefine_1", "fusion", "fusion"]
+
+
+def test_a_run_folder_left_before_the_first_checkpoint_is_reused(synthetic, tmp_path):
+    """A run that fails before its first checkpoint (here: a wrong manifest) leaves train.log and
+    config.yaml; the corrected command is not refused, and its checkpoints carry the provenance."""
+    torch.set_num_threads(1)
+    from holons.finetune.karyotype.train import train_karyotype
+
+    cfg = load_config(KaryotypeConfig, TINY, ["data.input_size=32", "data.max_train_cases=4",
+                                              "train.gnet_epochs=1"])
+    run = tmp_path / "run"
+    with pytest.raises(HolonsError):
+        train_karyotype(cfg, tmp_path / "no_such_manifest.csv", run)
+    assert (run / "train.log").is_file() and (run / "config.yaml").is_file()
+    (run / "train.log").write_text("the failed run's line\n")
+    with pytest.raises(HolonsError, match="nothing to resume"):
+        train_karyotype(cfg, synthetic, run, resume=True)
+    summary = train_karyotype(cfg, synthetic, run)
+    assert summary["test_chromosomes"] > 0
+    log_text = (run / "train.log").read_text()
+    assert "had no checkpoint" in log_text and "the failed run's line" not in log_text
+    state = torch.load(run / "checkpoints" / "gnet.pt", weights_only=True)
+    assert state["done"] and {"torch", "timm", "holons", "python"} <= set(state["versions"])
+    assert "git_commit" in state
+    assert "versions" in json.loads((run / "model" / "karyotype.json").read_text())
+    with pytest.raises(HolonsError, match="not empty .* --resume .* --overwrite"):
+        train_karyotype(cfg, synthetic, run)
 
 
 def test_karyogram_slots(tmp_path):

@@ -11,7 +11,8 @@ import torch
 
 from holons.config import load_config
 from holons.finetune.karyotype.config import KaryotypeConfig
-from holons.ssl.config import PretrainConfig, plan_segments, validate
+from holons.ssl.config import PretrainConfig, validate
+from holons.ssl.methods import plan_segments
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

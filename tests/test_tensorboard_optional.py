@@ -9,9 +9,11 @@ import types
 import pytest
 from pretrain_fixtures import tiny_config, write_phantoms
 
-from holons.ssl.trainer import TENSORBOARD_INSTALL, RunLogger, pretrain
+from holons.runs import TENSORBOARD_INSTALL, RunLog
+from holons.ssl.trainer import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+LOG = logging.getLogger("holons.test_tensorboard")
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def _mentions(text: str) -> list[str]:
 
 
 def test_asked_for_and_missing_is_one_warning_naming_the_extra(no_tensorboard, tmp_path, capsys):
-    logger = RunLogger(tmp_path, True, None, logging.INFO, tensorboard=True)
+    logger = RunLog(tmp_path, LOG, tensorboard=True)
     logger.close()
     assert logger.tb is None and not (tmp_path / "tb").exists()
     said = _mentions(capsys.readouterr().err)
@@ -37,7 +39,7 @@ def test_asked_for_and_missing_is_one_warning_naming_the_extra(no_tensorboard, t
 
 @pytest.mark.parametrize("setting", [None, False])
 def test_not_asked_for_stays_quiet(no_tensorboard, tmp_path, capsys, setting):
-    logger = RunLogger(tmp_path, True, None, logging.INFO, tensorboard=setting)
+    logger = RunLog(tmp_path, LOG, tensorboard=setting)
     logger.close()
     assert logger.tb is None
     assert "tensorboard" not in capsys.readouterr().err.lower()
@@ -45,8 +47,8 @@ def test_not_asked_for_stays_quiet(no_tensorboard, tmp_path, capsys, setting):
 
 
 def test_other_ranks_and_reopened_loggers_say_nothing(no_tensorboard, tmp_path, capsys):
-    RunLogger(tmp_path / "rank1", False, None, tensorboard=True).close()
-    RunLogger(tmp_path, True, None, tensorboard=True, announce=False).close()
+    RunLog(tmp_path / "rank1", LOG, active=False, tensorboard=True).close()
+    RunLog(tmp_path, LOG, tensorboard=True, announce=False).close()
     assert not _mentions(capsys.readouterr().err)
 
 
@@ -57,7 +59,7 @@ def test_a_resumed_run_warns_once(no_tensorboard, tmp_path, capsys):
     run = tmp_path / "run"
     assert pretrain(tiny_config(phantoms, stages, tensorboard=True, max_steps=1), run).step == 1
     assert len(_mentions(capsys.readouterr().err)) == 1
-    resumed = pretrain(tiny_config(phantoms, stages, tensorboard=True, resume=True), run)
+    resumed = pretrain(tiny_config(phantoms, stages, tensorboard=True), run, resume=True)
     assert resumed.status == "finished" and resumed.step == 2
     assert len(_mentions(capsys.readouterr().err)) == 1
     assert not (run / "tb").exists()
@@ -66,7 +68,7 @@ def test_a_resumed_run_warns_once(no_tensorboard, tmp_path, capsys):
 
 def test_an_installed_but_broken_tensorboard_is_said_even_when_not_asked_for(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.ModuleType("torch.utils.tensorboard"))
-    logger = RunLogger(tmp_path, True, None, tensorboard=None)  # the module lacks SummaryWriter: ImportError
+    logger = RunLog(tmp_path, LOG, tensorboard=None)  # the module lacks SummaryWriter: ImportError
     logger.close()
     err = capsys.readouterr().err
     assert logger.tb is None and "cannot be imported" in err and len(err.strip().splitlines()) == 1

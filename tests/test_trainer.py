@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from pretrain_fixtures import tiny_config, write_phantoms
 
 from holons.cli import main
 from holons.errors import ConfigError, HolonsError
-from holons.ssl.checkpoint import list_checkpoints, load_checkpoint
-from holons.ssl.config import PretrainConfig, plan_segments
-from holons.ssl.trainer import build_student, pretrain
+from holons.runs import list_checkpoints, load_checkpoint
+from holons.ssl.config import PretrainConfig
+from holons.ssl.methods import plan_segments
+from holons.ssl.student import build_student
+from holons.ssl.trainer import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +93,7 @@ def test_resume_is_bit_exact(phantoms, tmp_path):
     assert straight.step == 6
     part = pretrain(tiny_config(phantoms, stages, max_steps=3), tmp_path / "b")
     assert part.status == "stopped" and part.step == 3
-    resumed = pretrain(tiny_config(phantoms, stages, resume=True), tmp_path / "b")
+    resumed = pretrain(tiny_config(phantoms, stages), tmp_path / "b", resume=True)
     assert resumed.status == "finished" and resumed.step == 6
     a = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1][1])
     b = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1][1])
@@ -136,10 +139,12 @@ def test_run_dir_rules_and_config_errors(phantoms, tmp_path):
     with pytest.raises(HolonsError, match="not empty"):
         pretrain(tiny_config(phantoms, stages), run)
     with pytest.raises(HolonsError, match="not from a holons run"):
-        pretrain(tiny_config(phantoms, stages, overwrite=True), run)
+        pretrain(tiny_config(phantoms, stages), run, overwrite=True)
     assert (run / "notes.txt").read_text() == "mine"
-    with pytest.raises(ConfigError, match="resume and init_from"):
-        pretrain(tiny_config(phantoms, stages, resume=True, init_from=str(run)), tmp_path / "x")
+    with pytest.raises(ConfigError, match="--resume and init_from"):
+        pretrain(tiny_config(phantoms, stages, init_from=str(run)), tmp_path / "x", resume=True)
+    with pytest.raises(ConfigError, match="method: 'mae' is not one of"):
+        pretrain(tiny_config(phantoms, stages, method="mae"), tmp_path / "m")
     with pytest.raises(ConfigError, match="optim.lrr"):
         pretrain(tiny_config(phantoms, stages), tmp_path / "y", ["optim.lrr=0.1"])
     with pytest.raises(ConfigError, match="curriculum.stages\\[0\\]"):
@@ -172,19 +177,27 @@ def test_a_run_dir_without_checkpoint_is_reused(phantoms, tmp_path, capsys):
         pretrain(tiny_config(phantoms, stages), run)
 
 
-def test_resume_on_a_new_run_dir_starts_quietly(phantoms, tmp_path, capsys):
-    """resume=true on a new folder (as the demo always passes it) is an ordinary first run."""
+def test_resume_needs_a_checkpoint_and_the_old_config_keys_are_named(phantoms, tmp_path):
+    """--resume on a folder without a checkpoint is one clear error; a config that still holds the
+    old ``resume`` / ``overwrite`` keys is told to pass the CLI flag instead."""
     stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
-    result = pretrain(tiny_config(phantoms, stages, resume=True), tmp_path / "run")
-    assert result.status == "finished" and result.step == 1
-    said = capsys.readouterr().err + (tmp_path / "run" / "train.log").read_text()
-    assert "no checkpoint" not in said and "resume requested" not in said and "resumed" not in said
+    with pytest.raises(HolonsError, match="nothing to resume .* holds no checkpoint"):
+        pretrain(tiny_config(phantoms, stages), tmp_path / "run", resume=True)
+    with pytest.raises(ConfigError, match="'resume' is no longer a config key; remove it and pass --resume"):
+        pretrain(tiny_config(phantoms, stages, resume=True), tmp_path / "old")
+    with pytest.raises(ConfigError, match="pass --overwrite"):
+        pretrain(tiny_config(phantoms, stages), tmp_path / "old", ["overwrite=true"])
+    cfg_file = tmp_path / "old.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(phantoms, stages, resume=False)))
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg_file}: 'resume' is no longer a config key")):
+        pretrain(cfg_file, tmp_path / "old")
+    assert not (tmp_path / "old").exists()
 
 
 def test_overwrite_and_init_from(phantoms, tmp_path):
     stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 1}]
     pretrain(tiny_config(phantoms, stages), tmp_path / "run")
-    again = pretrain(tiny_config(phantoms, stages, overwrite=True), tmp_path / "run")
+    again = pretrain(tiny_config(phantoms, stages), tmp_path / "run", overwrite=True)
     assert again.step == 1 and [r["step"] for r in _metrics(tmp_path / "run")] == [1]
     init = pretrain(tiny_config(phantoms, stages, init_from=str(tmp_path / "run"), max_steps=0),
                     tmp_path / "init")
@@ -236,11 +249,15 @@ def test_sigterm_checkpoints_and_exits_cleanly(phantoms, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err  # interrupted, not finished: exits like the signal
-    assert "stopped by SIGTERM" in err and "resume=true" in err
+    assert "stopped by SIGTERM" in err and f"--out {run} --resume" in err
     ckpts = list_checkpoints(run / "checkpoints")
     assert ckpts, "no checkpoint written on SIGTERM"
     state = load_checkpoint(ckpts[-1][1])  # weights_only=True
     assert 1 <= state["step"] < 500 and state["step"] == _metrics(run)[-1]["step"]
+    # the command it prints continues the run
+    assert main(["pretrain", "--config", str(cfg_file), "--out", str(run), "--resume", "max_steps=" +
+                 str(state["step"] + 1)]) == 0
+    assert _metrics(run)[-1]["step"] == state["step"] + 1
 
 
 def test_koleo_term_is_logged_and_trains(phantoms, tmp_path):

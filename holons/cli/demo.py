@@ -51,9 +51,11 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> li
     the train-split ones (about 70 %) indexed and cached at 128 px, cpu_tiny pretraining (240 steps
     each for ``adamv2`` and ``dino``), the tiny karyotype config, and the comparison over 3 seeds on
     the held-out phantoms.
-    ``fast`` shrinks everything to a smoke test. Pretraining always passes ``resume=true`` and an
-    interrupted karyotype run gets ``--resume``, so a rerun continues.
+    ``fast`` shrinks everything to a smoke test. A run folder that holds a checkpoint (an
+    interrupted pretraining or karyotype run) gets ``--resume``, so a rerun continues.
     """
+    from holons.runs import has_checkpoint
+
     cfg = _configs_dir()
     size, cache_size, cases = ("64", "64", "12") if fast else ("256", "128", "20")
     # The budget of benchmarks/anatomy_proof.py (240 steps per method, cpu_tiny's stage shares), at
@@ -68,7 +70,7 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> li
             "{mode: part_whole, levels: [0], steps_per_level: 1}]",
         ]
     karyo_model = out / "karyotype" / "model"
-    karyo_extra = ["--resume"] if karyo_model.is_dir() and any(karyo_model.iterdir()) else []
+    karyo_extra = ["--resume"] if has_checkpoint(karyo_model) else []
     if fast:
         karyo_extra += ["data.input_size=32", "train.gnet_epochs=1"]
     steps: list[tuple[str, list[str]]] = [
@@ -90,8 +92,8 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> li
     for method, config in (("adamv2", "cpu_tiny.yaml"), ("dino", "cpu_tiny_dino.yaml")):
         steps.append((f"pretrain {method} (cpu_tiny)",
                       ["pretrain", "--config", str(cfg / "pretrain" / config),
-                       "--out", str(out / "runs" / method), f"data.cache_dir={out / 'cache'}", "resume=true",
-                       *pretrain_extra]))
+                       "--out", str(out / "runs" / method), f"data.cache_dir={out / 'cache'}",
+                       *(["--resume"] if has_checkpoint(out / "runs" / method) else []), *pretrain_extra]))
     for method in ("adamv2", "dino"):
         steps.append((f"export the {method} teacher backbone",
                       ["export", str(out / "runs" / method), "--out", str(out / "weights" / method)]))

@@ -15,23 +15,26 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, required=True,
                    help="YAML config, e.g. configs/pretrain/cpu_tiny.yaml")
     p.add_argument("--out", type=Path, required=True,
-                   help="run dir (one holding a checkpoint is refused unless resume=true or overwrite=true; "
+                   help="run dir (one holding a checkpoint is refused unless --resume or --overwrite; "
                    "the leftovers of a run that stopped before its first checkpoint are cleared)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (bit-exact on CPU)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="config overrides, e.g. resume=true data.cache_dir=cache optim.lr=1e-3")
+                   help="config overrides, e.g. data.cache_dir=cache optim.lr=1e-3")
     p.set_defaults(func=_cmd_pretrain)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from holons.ssl.trainer import pretrain
 
-    result = pretrain(args.config, args.out, args.overrides)
+    result = pretrain(args.config, args.out, args.overrides, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     if result.status == "terminated":  # exit like the signal (143 SIGTERM, 130 SIGINT): the run is not done
         name = signal.Signals(result.signum).name
         print(f"stopped by {name} at step {result.step}/{result.total_steps}; checkpoint written; "
-              f"continue with: holons pretrain --config {args.config} --out {args.out} resume=true",
+              f"continue with: holons pretrain --config {args.config} --out {args.out} --resume",
               file=sys.stderr)
         return 128 + result.signum
     elif result.status == "stopped":

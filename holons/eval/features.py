@@ -9,7 +9,6 @@ std 0.25 on [0, 1] intensities).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from holons.errors import ConfigError
+from holons.runs import progress_enabled, resolve_device
 from holons.ssl.backbone import Backbone, create_backbone
 
 __all__ = [
@@ -125,15 +125,3 @@ def dense_features(backbone: Backbone, x: torch.Tensor, *, out_size: int | tuple
             f = F.interpolate(f, size=out_size, mode="bilinear", align_corners=False)
         out.append(f.cpu())
     return torch.cat(out)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None`` or "auto": CUDA when available, else CPU; otherwise the named device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def progress_enabled(progress: bool | None) -> bool:
-    """Progress bars on when asked, or by default when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else bool(progress)

@@ -6,8 +6,10 @@ override what a given scale needs. Unknown keys and wrong types are ConfigErrors
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from holons.anatomy import ViewConfig
@@ -126,10 +128,14 @@ class DebugConfig:
 
 @dataclass
 class PretrainConfig:
-    """A whole pretraining run. ``method: dino`` is the baseline: localizability only at level 0,
-    one stage with the same total number of steps as the configured curriculum."""
+    """A whole pretraining run. ``method`` names a module of ``holons.ssl.methods`` (``adamv2``, or
+    ``dino``, the baseline: localizability only at level 0, one stage with the same total number of
+    steps as the configured curriculum).
 
-    method: Literal["adamv2", "dino"] = "adamv2"
+    Whether a run resumes or starts over is not part of its config: ``pretrain(..., resume=True)`` /
+    ``overwrite=True`` (CLI ``--resume`` / ``--overwrite``)."""
+
+    method: str = "adamv2"
     seed: int = 0
     device: str = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -148,8 +154,6 @@ class PretrainConfig:
     when it is not installed; the run goes on without them), ``false`` never writes them."""
     max_nan_steps: int = 20
     max_steps: int | None = None
-    resume: bool = False
-    overwrite: bool = False
     init_from: str | None = None
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -171,9 +175,6 @@ class Segment:
 
 def validate(cfg: PretrainConfig) -> None:
     """Checks that need more than types; raises ConfigError naming the key."""
-    if cfg.resume and cfg.init_from:
-        raise ConfigError("resume and init_from cannot both be set: resume continues this run, "
-                          "init_from starts a new run from another run's weights")
     d = cfg.data
     if (d.cache_dir is None) == (d.images_dir is None):
         raise ConfigError("set exactly one of data.cache_dir and data.images_dir")
@@ -206,11 +207,11 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
 
 
-def plan_segments(cfg: PretrainConfig, steps_per_epoch: int) -> list[Segment]:
-    """The run's (stage, level) segments in order, with their global step ranges.
+def curriculum_segments(cfg: PretrainConfig, steps_per_epoch: int) -> list[Segment]:
+    """The curriculum's (stage, level) segments in order, with their global step ranges.
 
-    For ``method: dino`` the curriculum collapses into one localizability stage at level 0
-    with the same total number of steps (same compute budget in steps).
+    A method may plan its run differently (``holons.ssl.methods.plan_segments``: ``dino`` collapses
+    the curriculum into one stage).
     """
     segments: list[Segment] = []
     start = 0
@@ -220,6 +221,38 @@ def plan_segments(cfg: PretrainConfig, steps_per_epoch: int) -> list[Segment]:
         for level in st.levels:
             segments.append(Segment(stage=i, mode=st.mode, level=level, start=start, steps=n))
             start += n
-    if cfg.method == "dino":
-        segments = [Segment(stage=0, mode="localizability", level=0, start=0, steps=start)]
     return segments
+
+
+# Keys a run may change when it is resumed (run control, not the experiment).
+RUN_CONTROL_KEYS = ("init_from", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "debug",
+                    "max_nan_steps", "tensorboard")
+# Config keys until they became arguments (pretrain(resume=, overwrite=), --resume / --overwrite).
+RUN_FLAGS = ("resume", "overwrite")
+
+
+def _reject_run_flags(tree: Any, where: str) -> None:
+    """``resume`` / ``overwrite`` were config keys; now they are arguments: one clear line."""
+    if isinstance(tree, dict):
+        for key in RUN_FLAGS:
+            if key in tree:
+                raise ConfigError(f"{where}: '{key}' is no longer a config key; remove it and pass "
+                                  f"--{key} to `holons pretrain` ({key}=True to pretrain())")
+
+
+def resolve_config(config: PretrainConfig | str | Path | dict,
+                   overrides: list[str] | None = None) -> PretrainConfig:
+    """defaults < config (YAML path, dataclass or dict) < ``key.sub=value`` overrides."""
+    import yaml
+
+    from holons.config import load_config, parse_overrides, to_dict
+
+    extra = parse_overrides(overrides)
+    _reject_run_flags(extra, "override")
+    if isinstance(config, (str, Path)):
+        with contextlib.suppress(OSError, yaml.YAMLError):  # load_config reports a missing or broken file
+            _reject_run_flags(yaml.safe_load(Path(config).read_text()), str(config))
+        return load_config(PretrainConfig, config, extra)
+    base = to_dict(config) if isinstance(config, PretrainConfig) else dict(config)
+    _reject_run_flags(base, "config")
+    return load_config(PretrainConfig, base, extra)

@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from holons.errors import HolonsError
+from holons.runs import resolve_device
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise HolonsError("device 'cuda' requested but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.startswith("cuda:") or device == "cpu" or device == "mps":
-        return torch.device(device)
-    raise HolonsError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-
-
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ...).
 
@@ -55,7 +43,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank=local_rank)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

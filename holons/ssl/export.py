@@ -24,7 +24,7 @@ from torch import nn
 from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
 from holons.files import atomic_path, atomic_write
-from holons.ssl.checkpoint import load_checkpoint, resolve_checkpoint
+from holons.runs import load_checkpoint, resolve_checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -126,6 +126,7 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None,
     provenance = {
         "which": which, "step": int(state["step"]), "method": cfg.get("method"),
         "checkpoint": ckpt_path.name, "versions": state.get("versions", {}),
+        "git_commit": state.get("git_commit"),
     }
     config = timm_config(name, backbone.embed_dim, in_chans=1, input_size=input_size,
                          mean=float(data_cfg["mean"]), std=float(data_cfg["std"]),

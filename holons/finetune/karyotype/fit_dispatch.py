@@ -42,7 +42,8 @@ from holons.finetune.karyotype.learned_dispatch import (
     train_cell_dispatcher,
 )
 from holons.finetune.karyotype.model import VarifocalNet
-from holons.finetune.karyotype.model_folder import load_model, model_folder, resolve_device, run_datasets
+from holons.finetune.karyotype.model_folder import load_model, model_folder, run_datasets
+from holons.runs import progress_enabled, resolve_device
 
 log = logging.getLogger("holons.karyotype")
 REPORT_FILE = "learned_dispatch.json"
@@ -124,12 +125,9 @@ def fit_learned_dispatch(run_dir: str | Path, manifest: str | Path, *, steps: in
                          device: str = "cpu", progress: bool | None = None) -> dict:
     """Fit the learned dispatcher of the run in ``run_dir`` on ``manifest`` (the run's own; see the
     module doc) and return the comparison written to ``run_dir/eval/learned_dispatch.json``."""
-    import sys
-
     if steps < 1:
         raise HolonsError(f"steps must be >= 1, got {steps}")
-    if progress is None:
-        progress = sys.stderr.isatty()
+    progress = progress_enabled(progress)
     dev = resolve_device(device)
     run_dir = Path(run_dir)
     model, meta = load_model(run_dir, dev)

@@ -6,7 +6,6 @@ and the benchmarks load."""
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 import pandas as pd
@@ -19,19 +18,11 @@ from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import KaryotypeDataset, load_table
 from holons.finetune.karyotype.model import VarifocalNet
 from holons.finetune.karyotype.preprocess import Preprocessing
+from holons.runs import provenance
 
 MODEL_DIR = "model"
 META_FILE = "karyotype.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise HolonsError(f"unknown device {name!r}") from e
 
 
 def save_model(model: VarifocalNet, cfg: KaryotypeConfig, preprocessing: Preprocessing, head: str,
@@ -48,7 +39,7 @@ def save_model(model: VarifocalNet, cfg: KaryotypeConfig, preprocessing: Preproc
             "canvas": preprocessing.canvas, "stain": preprocessing.stain, "input_size": cfg.data.input_size,
             "source_size": cfg.data.source_size,
             "head": head, "classes": [str(k) for k in range(1, 23)] + ["X", "Y"],
-            "torch": str(torch.__version__), "python": platform.python_version()}
+            **provenance()}
     with atomic_write(folder / META_FILE, "w") as f:
         json.dump(meta, f, indent=2)
 

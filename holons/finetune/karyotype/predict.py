@@ -31,8 +31,9 @@ from holons.finetune.karyotype.evaluate import label_metrics, write_metrics
 from holons.finetune.karyotype.fit_dispatch import NO_DISPATCHER, load_dispatcher, refine
 from holons.finetune.karyotype.inference import predict_dataset, predict_with_features
 from holons.finetune.karyotype.learned_dispatch import has_cell_dispatcher
-from holons.finetune.karyotype.model_folder import load_model, model_folder, resolve_device
+from holons.finetune.karyotype.model_folder import load_model, model_folder
 from holons.finetune.karyotype.preprocess import Preprocessing
+from holons.runs import progress_enabled, resolve_device
 
 PREDICTIONS = "predictions.csv"
 INFO = "predict_info.json"
@@ -52,8 +53,6 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
     ``dispatch="auto"``: ``learned_then_optimal`` when the model folder holds a learned dispatcher
     (it measured best on pki-3's fixed split, docs/results.md), else ``optimal``.
     """
-    import sys
-
     learned = has_cell_dispatcher(model_folder(model_dir))
     if dispatch == "auto":
         dispatch = "learned_then_optimal" if learned else "optimal"
@@ -61,8 +60,7 @@ def predict_karyotypes(model_dir: str | Path, data: str | Path, out: str | Path,
         raise HolonsError(f"dispatch must be one of auto, {', '.join(ALL_METHODS)}, got {dispatch!r}")
     if dispatch in LEARNED_METHODS and not learned:
         raise HolonsError(NO_DISPATCHER)
-    if progress is None:
-        progress = sys.stderr.isatty()
+    progress = progress_enabled(progress)
     dev = resolve_device(device)
     model, meta = load_model(model_dir, dev)
     table, skipped_rows = load_table(data, default_polarity=-1)

@@ -15,7 +15,11 @@ each epoch the whole state (weights, optimizer, scheduler, epochs done) is writt
 generators seeded by (seed, phase, epoch), so a resumed run repeats what an uninterrupted one
 would have done. Frozen modules run in eval mode (BatchNorm statistics stay put).
 
-SIGTERM or SIGINT during training sets a flag (``holons.signals.StopSignal``, shared with pretraining); at the
+The run folder, its log, metrics and checkpoints follow the run layer (``holons.runs``, shared with
+pretraining): a folder holding a checkpoint is refused without ``resume`` / ``overwrite``; the
+leftovers of a run that failed before its first checkpoint are cleared and the folder reused.
+
+SIGTERM or SIGINT during training sets a flag (``holons.runs.StopSignal``); at the
 next batch boundary the phase's checkpoint is written with the position inside the epoch (batches
 done, the epoch generator's state, the running loss; at an epoch's end it is the ordinary epoch
 checkpoint), :class:`KaryotypeInterrupted` is raised and the previous signal handlers are back.
@@ -27,8 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -56,12 +58,23 @@ from holons.finetune.karyotype.evaluate import evaluate_split
 from holons.finetune.karyotype.inference import predict_dataset
 from holons.finetune.karyotype.losses import phase_loss
 from holons.finetune.karyotype.model import VarifocalNet, box_targets
-from holons.finetune.karyotype.model_folder import MODEL_DIR, resolve_device, save_model
+from holons.finetune.karyotype.model_folder import MODEL_DIR, save_model
 from holons.finetune.karyotype.preprocess import Preprocessing
 from holons.finetune.karyotype.schedule import Phase, final_head, schedule, trained_heads
-from holons.signals import StopSignal
+from holons.runs import (
+    RunLog,
+    StopSignal,
+    changed_keys,
+    load_checkpoint,
+    prepare_run,
+    progress_enabled,
+    resolve_device,
+    write_checkpoint,
+)
 
 log = logging.getLogger("holons.karyotype")
+LEFTOVERS = ("split.csv",)  # written before the first checkpoint, with the run layer's entries
+RESULTS = (MODEL_DIR, "eval")  # what a finished run adds
 
 
 # --------------------------------------------------------------------------- interruption
@@ -73,21 +86,6 @@ class KaryotypeInterrupted(HolonsError):
         self.checkpoint = checkpoint
         super().__init__(f"interrupted by {signal.Signals(signum).name} {where}; state saved to "
                          f"{checkpoint}; continue with the same command plus --resume")
-
-
-# --------------------------------------------------------------------------- run dir
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """A fresh or resumable run folder; a non-empty one is refused without resume/overwrite."""
-    if resume and overwrite:
-        raise HolonsError("choose either --resume or --overwrite, not both")
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
-            raise HolonsError(f"run folder {out} is not empty; pass --resume to continue it or --overwrite")
-    elif resume:
-        raise HolonsError(f"nothing to resume in {out}")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
 
 def set_trainable(model: VarifocalNet, phase: Phase) -> list[torch.nn.Parameter]:
@@ -126,23 +124,13 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, phase: Phase, epoc
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "phase": phase.name, "epochs_done": epochs_done, "done": epochs_done >= phase.epochs,
-        "config": to_dict(cfg), "canvas": canvas, "torch": str(torch.__version__),
+        "config": to_dict(cfg), "canvas": canvas,
     }
     if guard is not None:
         state["guard_baseline"], state["guard_localizer"] = guard["baseline"], guard["localizer"]
     if position is not None:
         state.update(position)
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A phase checkpoint (model, optimizer, scheduler and progress state), with a clear error for a
-    truncated or foreign file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: the user must see which one
-        raise HolonsError(f"cannot load checkpoint {path}: {type(e).__name__}") from e
+    write_checkpoint(state, path)
 
 
 # --------------------------------------------------------------------------- data
@@ -236,25 +224,21 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
     :class:`KaryotypeInterrupted` after saving the state when SIGTERM / SIGINT arrives during
     training; ``resume=True`` then continues from the batch where it stopped.
     """
-    import sys
-
     out = Path(out)
-    prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    handler = logging.FileHandler(out / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
+    run = prepare_run(out, resume=resume, overwrite=overwrite, leftovers=LEFTOVERS, results=RESULTS)
+    progress = progress_enabled(progress)
+    with RunLog(out, log, echo=logging.WARNING if progress else logging.INFO) as record:
+        if run.cleared:
+            log.warning("run folder %s had no checkpoint (a run that stopped before its first one); cleared "
+                        "its leftovers (%s) and starting a new run", out, ", ".join(run.cleared))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         device = resolve_device(cfg.train.device)
         if device.type == "cuda":  # fixed input sizes: cuDNN may time its kernels once and keep the fastest
             torch.backends.cudnn.benchmark = True
-        _check_resumed_config(cfg, out / "config.yaml", resume)
+        _check_resumed_config(cfg, run.config_file, resume)
         final_head(cfg)  # a head the schedule cannot train stops the run before any work
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, run.config_file)
         t0 = time.perf_counter()
         data = prepare_data(cfg, manifest, progress=progress)
         log.info("data: train %d, val %d, test %d chromosomes; canvas %d px (%.1f th percentile of the "
@@ -264,7 +248,7 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
                  data.skipped, time.perf_counter() - t0)
         _write_split(out / "split.csv", data)
         with StopSignal() as stop:
-            model = _train_phases(cfg, data, device, out, stop, progress)
+            model = _train_phases(cfg, data, device, run.checkpoints, record, stop, progress)
         head, head_scores = final_head(cfg), {}
         if head == "best":
             head, head_scores = best_head(model, cfg, data.val, device)
@@ -287,9 +271,6 @@ def train_karyotype(cfg: KaryotypeConfig, manifest: str | Path, out: str | Path,
             json.dump(summary, f, indent=2)
         log.info("test: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
         return summary
-    finally:
-        log.removeHandler(handler)
-        handler.close()
 
 
 def _fit_dispatcher(model: VarifocalNet, cfg: KaryotypeConfig, data: PreparedData, head: str,
@@ -311,18 +292,18 @@ def _fit_dispatcher(model: VarifocalNet, cfg: KaryotypeConfig, data: PreparedDat
     return found
 
 
-def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device, out: Path,
-                  stop: StopSignal, progress: bool) -> VarifocalNet:
+def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device, ckpt_dir: Path,
+                  record: RunLog, stop: StopSignal, progress: bool) -> VarifocalNet:
     """Run (or resume) every phase of the schedule; on a stop request checkpoint and raise."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.train.seed)
     model = VarifocalNet(cfg.model, cfg.data.input_size).to(device)
-    ckpt_dir = out / "checkpoints"
     augment = cfg.train.augment_degrees > 0 or cfg.train.augment_scale > 0 or cfg.train.augment_translate > 0
     for index, phase in enumerate(schedule(cfg)):
         path = ckpt_dir / f"{phase.name}.pt"
-        state = load_checkpoint(path) if path.exists() else None
+        # checkpoints written before holons.runs carry no format; runs in progress still resume
+        state = load_checkpoint(path, unversioned_ok=True) if path.exists() else None
         if state is not None and state["done"]:
             model.load_state_dict(state["model"])
             continue
@@ -385,16 +366,16 @@ def _train_phases(cfg: KaryotypeConfig, data: PreparedData, device: torch.device
                                  f"{b}/{len(batches)}", path)
             lr_used = optimizer.param_groups[0]["lr"]  # the epoch's lr (after any warm-up), before the decay
             scheduler.step()
-            record = {"phase": phase.name, "epoch": epoch + 1, "loss": total / max(count, 1),
+            line = {"phase": phase.name, "epoch": epoch + 1, "loss": total / max(count, 1),
                       "lr": lr_used, "seconds": round(time.perf_counter() - te, 2)}
             every = cfg.train.val_every
             if epoch + 1 == phase.epochs or (every and (epoch + 1) % every == 0) or guard:
-                record.update(validate_phase(model, phase, data.val, device, cfg))
-            if guard and epoch + 1 == phase.epochs and record["val_type_acc"] < guard["baseline"]:
+                line.update(validate_phase(model, phase, data.val, device, cfg))
+            if guard and epoch + 1 == phase.epochs and line["val_type_acc"] < guard["baseline"]:
                 model.localizer.load_state_dict(guard["localizer"])
-                record["reverted_to_val_type_acc"] = guard["baseline"]
-            _append_jsonl(out / "metrics.jsonl", record)
-            log.info(json.dumps(record))
+                line["reverted_to_val_type_acc"] = guard["baseline"]
+            record.metrics(line)
+            log.info(json.dumps(line))
             _save_checkpoint(path, model, optimizer, scheduler, phase, epoch + 1, cfg, data.canvas, guard)
             if stop.requested:
                 _interrupted(stop, f"after {phase.name} epoch {epoch + 1}/{phase.epochs}", path)
@@ -446,23 +427,10 @@ def _check_resumed_config(cfg: KaryotypeConfig, saved: Path, resume: bool) -> No
 
     if not (resume and saved.is_file()):
         return
-    before = yaml.safe_load(saved.read_text())
-    now = to_dict(cfg)
-    saved = {f"{s}.{k}": v for s, sec in before.items() if isinstance(sec, dict) for k, v in sec.items()}
-    saved.update({k: v for k, v in before.items() if not isinstance(v, dict)})
-    current = {f"{s}.{k}": v for s, sec in now.items() if isinstance(sec, dict) for k, v in sec.items()}
-    current.update({k: v for k, v in now.items() if not isinstance(v, dict)})
-    changed = sorted(k for k in saved if k in current and saved[k] != current[k])
+    changed = changed_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
     if changed:
         raise HolonsError(f"--resume with a different config than the run's ({', '.join(changed)}); "
                           "start a new run folder instead")
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_split(path: Path, data: PreparedData) -> None:

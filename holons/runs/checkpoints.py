@@ -1,16 +1,24 @@
 """Training checkpoints: tensors and primitives only, written atomically, read with ``weights_only=True``.
 
 A checkpoint is one ``torch.save`` of a nested dict whose leaves are tensors, numbers, strings,
-booleans or None — no pickled classes — so ``torch.load(path, weights_only=True)`` reads it and
-a checkpoint from an untrusted source cannot run code. RNG states are stored as tensors or
-plain lists so that a resumed CPU run continues bit-exactly.
+booleans or None (no pickled classes), so ``torch.load(path, weights_only=True)`` reads it and a
+checkpoint from an untrusted source cannot run code. Every checkpoint carries ``format``, the
+library ``versions`` and the ``git_commit`` of the holons source (None outside a git checkout), for
+provenance (never checked on load). RNG states are stored as tensors or plain lists so that a
+resumed CPU run continues bit-exactly.
+
+Two layouts: step-numbered ``step_XXXXXXXX.pt`` files with rotation (:func:`save_checkpoint`,
+pretraining), or named files rewritten in place (:func:`write_checkpoint`, karyotype phases).
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 import random
 import re
+import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +32,44 @@ CHECKPOINT_FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def versions() -> dict[str, str]:
     """Library versions recorded in every checkpoint and export (for provenance, not checked)."""
-    import timm
-
     from holons import __version__
 
-    return {"holons": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
+    return {"holons": __version__, "torch": str(torch.__version__), "timm": _version("timm"),
             "numpy": str(np.__version__), "python": platform.python_version()}
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the holons source tree (``+dirty`` when it has uncommitted changes), or None
+    when holons does not run from a git checkout or git is missing. Asked once per process."""
+    source = Path(__file__).resolve().parents[2]
+    if not (source / ".git").exists():  # an installed package (even inside someone else's repository)
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
+
+
+def provenance() -> dict[str, Any]:
+    """What every checkpoint records about the code that wrote it: ``versions`` and ``git_commit``."""
+    return {"versions": versions(), "git_commit": git_commit()}
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -71,19 +109,22 @@ def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:08d}.pt"
 
 
+def write_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` atomically to ``path``, with ``format``, ``versions`` and ``git_commit`` added."""
+    payload = {**state, "format": CHECKPOINT_FORMAT, **provenance()}
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
+    return Path(path)
+
+
 def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path, step: int, keep_last: int = 3,
                     keep_steps: set[int] | None = None) -> Path:
-    """Write ``state`` atomically as ``step_XXXXXXXX.pt`` and prune old periodic checkpoints.
+    """Write ``state`` as ``step_XXXXXXXX.pt`` (see :func:`write_checkpoint`) and prune old ones.
 
     ``keep_steps`` (e.g. the stage / level boundaries) are never pruned; of the others the
     ``keep_last`` newest stay (0 keeps all).
     """
-    path = checkpoint_path(ckpt_dir, step)
-    payload = dict(state)
-    payload.setdefault("format", CHECKPOINT_FORMAT)
-    payload.setdefault("versions", versions())
-    with atomic_write(path, "wb") as f:
-        torch.save(payload, f)
+    path = write_checkpoint(state, checkpoint_path(ckpt_dir, step))
     if keep_last > 0:
         keep = keep_steps or set()
         periodic = [s for s, _ in list_checkpoints(ckpt_dir) if s not in keep]
@@ -93,7 +134,7 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | Path, step: int, keep
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint in ``ckpt_dir``, oldest first."""
+    """``(step, path)`` of every step-numbered checkpoint in ``ckpt_dir``, oldest first."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
@@ -101,8 +142,13 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read one checkpoint with ``weights_only=True``; a damaged or foreign file is a HolonsError."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    unversioned_ok: bool = False) -> dict[str, Any]:
+    """Read one checkpoint with ``weights_only=True``; a damaged or foreign file is a HolonsError.
+
+    ``unversioned_ok``: also accept a dict without ``format`` (karyotype checkpoints written before
+    this module existed), so that runs in progress can still be resumed.
+    """
     path = Path(path)
     if not path.is_file():
         raise HolonsError(f"checkpoint not found: {path}")
@@ -110,13 +156,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
         raise HolonsError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    default = CHECKPOINT_FORMAT if unversioned_ok else None
+    if not isinstance(state, dict) or state.get("format", default) != CHECKPOINT_FORMAT:
         raise HolonsError(f"{path} is not a holons training checkpoint (format {CHECKPOINT_FORMAT})")
     return state
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest checkpoint in ``ckpt_dir`` (writes are atomic, so it is complete), or None."""
+    """The newest step-numbered checkpoint in ``ckpt_dir`` (writes are atomic, so it is complete), or None."""
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
 

@@ -1,0 +1,164 @@
+"""Data streaming for pretraining: the training images, their batches step by step, and the views
+of each step.
+
+Determinism: data order is a function of (seed, epoch); the views of a step are drawn slice by slice
+from generators seeded by (seed, step, slice), so any step can be reproduced from the seed alone
+(which is what makes a resumed run continue bit-exactly on CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from holons.anatomy import ViewGenerator, Views
+from holons.errors import ConfigError, HolonsError
+from holons.ssl.config import PretrainConfig
+
+__all__ = ["BatchStream", "ImageFolderDataset", "build_dataset", "concat_views", "derive_seed", "draw_views"]
+
+
+class ImageFolderDataset(Dataset):
+    """Every readable image under a folder, decoded once, fitted to ``size x size`` (aspect kept,
+    zero-padded, as the cache does) and held in memory as uint8. For small folders (tests, demos);
+    large archives go through ``holons index`` + ``holons cache``. Unreadable files are counted
+    in ``skipped`` and left out."""
+
+    def __init__(self, root: str | Path, size: int, max_images: int | None = None) -> None:
+        from holons.data.formats import detect_format
+        from holons.data.preprocess import Preprocessing
+
+        root = Path(root)
+        if not root.is_dir():
+            raise HolonsError(f"data.images_dir {root} is not a folder")
+        images, self.skipped = [], 0
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            if max_images is not None and len(images) >= max_images:
+                break
+            if detect_format(path) is None:
+                continue
+            try:
+                canvas, _ = Preprocessing(size=size).read(path)
+            except HolonsError:
+                self.skipped += 1
+                continue
+            images.append(np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8))
+        if not images:
+            raise HolonsError(f"data.images_dir {root} holds no readable images")
+        self.images = np.stack(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[index].astype(np.float32) / 255.0).unsqueeze(0)
+
+
+def build_dataset(cfg: PretrainConfig) -> Dataset:
+    """The training images of ``cfg.data``: a ``holons cache`` folder or a folder of image files."""
+    d = cfg.data
+    if d.cache_dir is not None:
+        from holons.data.dataset import CachedImageDataset
+
+        ds: Dataset = CachedImageDataset(d.cache_dir, split=d.split)
+        if d.max_images is not None and d.max_images < len(ds):
+            ds = torch.utils.data.Subset(ds, range(d.max_images))
+        return ds
+    size = d.image_size or cfg.views.global_size
+    return ImageFolderDataset(d.images_dir, size, d.max_images)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (seed, step, slice, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class _IndexBatches(torch.utils.data.Sampler):
+    """The local batches of one epoch from a starting step: rank ``r`` takes slice ``r`` of each
+    global batch of a (seed, epoch)-permutation (drop-last, so every step sees a full batch)."""
+
+    def __init__(self, order: np.ndarray, start: int, global_batch: int, rank: int, world: int) -> None:
+        self.order, self.start, self.gb = order, start, global_batch
+        self.local = global_batch // world
+        self.offset = rank * self.local
+        self.n = len(order) // global_batch
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.start, self.n):
+            lo = b * self.gb + self.offset
+            yield self.order[lo:lo + self.local].tolist()
+
+
+class BatchStream:
+    """Endless local batches, step by step, reproducible from (seed, step) alone."""
+
+    def __init__(self, dataset: Dataset, global_batch: int, seed: int, rank: int, world: int,
+                 num_workers: int, start_step: int, pin_memory: bool) -> None:
+        if global_batch % world:
+            raise ConfigError(f"data.batch_size={global_batch} must be divisible by the {world} ranks")
+        if len(dataset) < global_batch:
+            raise ConfigError(f"data.batch_size={global_batch} exceeds the {len(dataset)} training images")
+        self.dataset, self.gb, self.seed = dataset, global_batch, seed
+        self.rank, self.world, self.workers, self.pin = rank, world, num_workers, pin_memory
+        self.steps_per_epoch = len(dataset) // global_batch
+        self.step = start_step
+        self._it: Iterator | None = None
+
+    def _epoch_loader(self) -> Iterator:
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0xDA7A))
+        order = torch.randperm(len(self.dataset), generator=g).numpy()
+        sampler = _IndexBatches(order, pos, self.gb, self.rank, self.world)
+        return iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
+                               pin_memory=self.pin, persistent_workers=False))
+
+    def next(self) -> torch.Tensor:
+        if self._it is None or self.step % self.steps_per_epoch == 0:
+            self._it = self._epoch_loader()
+        batch = next(self._it)
+        self.step += 1
+        return batch["image"] if isinstance(batch, dict) else batch
+
+
+def concat_views(groups: list[Views]) -> Views:
+    """One ``Views`` from views of consecutive batch slices (partner indices shifted by slice)."""
+    if len(groups) == 1:
+        return groups[0]
+    offsets, n = [], 0
+    for v in groups:
+        offsets.append(n)
+        n += v.batch_size
+
+    def cat(name: str) -> torch.Tensor | None:
+        items = [getattr(v, name) for v in groups]
+        if any(i is None for i in items):
+            return None
+        if name == "partner":
+            items = [p + o for p, o in zip(items, offsets, strict=True)]
+        return torch.cat(items)
+
+    first = groups[0]
+    kwargs = {f: cat(f) for f in ("whole", "whole_box", "global_crops", "global_boxes", "local_crops",
+                                   "local_boxes", "parts", "part_boxes", "global_angles", "local_angles",
+                                   "partner", "global_lambda", "local_lambda", "part_swap")}
+    return Views(mode=first.mode, level=first.level, k=first.k, local_part_index=first.local_part_index,
+                 **kwargs)
+
+
+def draw_views(generator: ViewGenerator, images: torch.Tensor, *, level: int, mode: str, seed: int, step: int,
+               first_slice: int, slices: int, device: torch.device) -> Views:
+    """The views of a local batch, drawn in ``slices`` equal slices (numbered from ``first_slice``
+    across ranks), each from its own generator seeded by (seed, step, slice)."""
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    out = []
+    for i, chunk in enumerate(images.chunk(slices)):
+        g = torch.Generator(device=gen_device).manual_seed(derive_seed(seed, step, first_slice + i, 0x71E5))
+        out.append(generator(chunk, level=level, generator=g, mode=mode))
+    return concat_views(out)
