@@ -28,7 +28,7 @@ the repository):
 
 Budget: 2000 optimizer steps of batch 32 per method (~170 epochs of the 372 images). At 1000 steps adamv2
 and dino were level on few-shot Dice; at 2000 adamv2 beats dino on both metrics by more than the spread over
-3 pretraining seeds (benchmarks/RESULTS.md, "Pretraining budget"). Measured on the shared 2-core VM:
+3 pretraining seeds (docs/notes/lab_notebook.md, "Pretraining budget"). Measured on the shared 2-core VM:
 index + 128 px cache ~10 s; with the default ``--jobs 2 --threads 1`` a seed's two runs pretrain side by
 side (adamv2 ~0.96 s per step, dino ~0.44 s: ~32 minutes for the pair); the JSRT evaluation then runs with
 2 threads, ~25 s (correspondence) + ~100 s (few-shot, 240 decoder steps) per model and evaluation seed
@@ -86,7 +86,7 @@ EVAL_SETTINGS: dict[str, dict[str, Any]] = {
                        "stages": 2, "split": "val"},
     # 240 decoder steps (fewshot_seg.DEFAULT_STEPS): with the 60 used until 2026-11-27 16:00 the decoder
     # could not fit its support set, and random init trailed the pretrained models mostly by how fast
-    # their decoders converged (RESULTS.md, "Few-shot decoder steps").
+    # their decoders converged (docs/notes/lab_notebook.md, "Few-shot decoder steps").
     "fewshot-seg": {"shots": (6, 12), "modes": ("frozen",), "size": 128, "steps": 240, "batch_size": 8,
                     "support_split": "train", "eval_split": "val"},
 }

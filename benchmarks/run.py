@@ -2,7 +2,8 @@
 
 Each ``benchmarks/bench_NAME.py`` has ``main(argv) -> dict`` that measures the holons path and a
 reference in the same run and prints ratios. With no NAME, all benchmarks run with their small
-defaults. Record what you measure, with date and machine, in ``benchmarks/RESULTS.md``.
+defaults. Record what you measure in ``docs/results.md`` (one row per claim: command, commit, date,
+machine) with its numbers in ``results/<name>.json``.
 """
 
 from __future__ import annotations

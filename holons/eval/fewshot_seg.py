@@ -59,7 +59,7 @@ MODES = ("frozen", "finetune")
 # Decoder steps: at 128 px with 12 JSRT support images, 60 steps left the decoder unable to fit its own
 # support set (clavicle Dice 0.26-0.52 on the training images), so a comparison ranked how fast decoders
 # converge rather than the features; 240 fit most of it (lungs 0.97, clavicles 0.69-0.81; 480 steps:
-# 0.84-0.88) at 4x the cost (benchmarks/RESULTS.md, "Few-shot decoder steps").
+# 0.84-0.88) at 4x the cost (docs/notes/lab_notebook.md, "Few-shot decoder steps").
 DEFAULT_STEPS = 240
 STRUCTURE_GROUPS = {"lungs": ("right_lung", "left_lung"), "clavicles": ("right_clavicle", "left_clavicle")}
 

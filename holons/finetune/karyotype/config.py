@@ -79,7 +79,8 @@ class KaryotypeModelConfig:
     ``box_gradient``: how the L-Net's loss reaches the zoom box. ``mask`` (the design's): through a
     soft logistic box mask of steepness ``mask_steepness``; ``sampling``: the exact gradient of the
     bilinear crop with respect to its coordinates (as in spatial transformers). On pki-3 the mask
-    gradient drove every localizer refinement to chance, the sampling gradient did not (RESULTS.md).
+    gradient drove every localizer refinement to chance, the sampling gradient did not
+    (docs/notes/lab_notebook.md).
     ``output_head``: the head the trained model reports and ``predict`` uses; ``auto`` = the last
     trained of fusion, L-Net, G-Net (the design's); ``mean`` averages the G and L probabilities;
     ``best``: the trained head with the best validation type accuracy, chosen after training and
