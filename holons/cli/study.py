@@ -31,13 +31,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import sys
 
     from holons.errors import HolonsError
-    from holons.study import StudyInterrupted, command_line, run_study
+    from holons.study import StudyInterrupted, run_study
 
     if args.jobs is not None and args.jobs < 1:
         raise HolonsError(f"--jobs must be at least 1, got {args.jobs}")
     try:
         record = run_study(args.spec, args.out, jobs=args.jobs, resume=args.resume, overrides=args.overrides,
-                           arms=args.arms, seeds=args.seeds, command=command_line())
+                           arms=args.arms, seeds=args.seeds, command=_command(args))
     except StudyInterrupted as e:
         print(f"holons study: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -48,6 +48,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"logs in {args.out / 'logs'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reruns this study (for the record)."""
+    import shlex
+
+    words = ["holons", "study", "run", str(args.spec), "--out", str(args.out)]
+    words += ["--jobs", str(args.jobs)] if args.jobs else []
+    for item in args.overrides:
+        words += ["--set", item]
+    words += ["--arms", *args.arms] if args.arms else []
+    words += ["--seeds", *map(str, args.seeds)] if args.seeds else []
+    return shlex.join(words)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

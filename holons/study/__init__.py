@@ -15,8 +15,6 @@ Specs live in ``configs/studies/``; ``holons.study.spec`` documents their keys.
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +114,3 @@ def report_study(out: str | Path) -> dict[str, Any]:
         f.write(markdown(record, spec))
     return record
 
-
-def command_line(argv: list[str] | None = None) -> str:
-    """The ``holons ...`` command line of this process, for the record."""
-    return "holons " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -30,8 +30,8 @@ Steps: a string (split like a shell would, without one), an argv list, ``{run: .
 starting with ``holons`` or ``python`` runs with this Python. Placeholders ``{name}`` are replaced by
 the job's values (``seed``, ``arm``, ``job`` its folder, ``out`` the study folder, ``threads``,
 ``python``, ``repo`` the folder holding the ``holons`` package) and by ``vars``; an argv item that is
-exactly ``{name}`` of a list variable becomes the list's items. An unknown key or placeholder is named
-in the error.
+exactly ``{name}`` of a list variable becomes the list's items (in argvs and in call arguments). An
+unknown key or placeholder is named in the error.
 """
 
 from __future__ import annotations
@@ -260,8 +260,13 @@ def _fill(value: Any, values: dict[str, Any], where: str) -> Any:
             return v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
         return _PLACEHOLDER.sub(one, value)
-    if isinstance(value, list):
-        return [_fill(v, values, where) for v in value]
+    if isinstance(value, list):  # an item "{name}" of a list variable becomes the list's items
+        out: list[Any] = []
+        for v in value:
+            filled = _fill(v, values, where)
+            spliced = isinstance(v, str) and _PLACEHOLDER.fullmatch(v) and isinstance(filled, list)
+            out.extend(filled) if spliced else out.append(filled)
+        return out
     if isinstance(value, dict):
         return {k: _fill(v, values, where) for k, v in value.items()}
     return value
@@ -302,9 +307,10 @@ def resolve_step(step: Any, values: dict[str, Any], where: str) -> Step:
 
 
 def base_values(spec: StudySpec, out: Path) -> dict[str, Any]:
-    """The placeholders every step knows, before the arm's and seed's own."""
-    return {**spec.vars, "out": str(out), "threads": spec.threads, "python": sys.executable,
-            "repo": str(REPO)}
+    """The placeholders every step knows, before the arm's and seed's own (``vars`` may use the
+    built-in ones, e.g. ``{repo}/configs/...``)."""
+    builtin = {"out": str(out), "threads": spec.threads, "python": sys.executable, "repo": str(REPO)}
+    return {**_fill(spec.vars, {**spec.vars, **builtin}, "vars"), **builtin}
 
 
 def expand_jobs(spec: StudySpec, out: str | Path, *, arms: list[str] | None = None,
@@ -321,11 +327,11 @@ def expand_jobs(spec: StudySpec, out: str | Path, *, arms: list[str] | None = No
     for name, arm in spec.arms.items():
         if arms and name not in arms:
             continue
-        arm_vars = _fill(arm["vars"], values, f"arms.{name}.vars")
         for seed in ([None] if arm["once"] else list(seeds or spec.seeds)):
             job = name if seed is None else f"{name}_s{seed}"
-            v = {**values, **arm_vars, "arm": name, "seed": spec.seeds[0] if seed is None else seed,
+            v = {**values, "arm": name, "seed": spec.seeds[0] if seed is None else seed,
                  "job": str(out / "jobs" / job)}
+            v.update(_fill(arm["vars"], v, f"arms.{name}.vars"))
             steps = tuple(resolve_step(s, v, f"arms.{name}.steps[{i}]") for i, s in enumerate(arm["steps"]))
             jobs.append(Job(job, name, seed, steps))
     return setup, jobs
