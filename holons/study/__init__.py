@@ -69,7 +69,7 @@ def run_study(spec_or_path: str | Path | dict[str, Any], out: str | Path, *, job
         given = "{...}" if isinstance(spec_or_path, dict) else repr(str(spec_or_path))
         command = f"holons.study.run_study({given}, {str(out)!r})"
     info = {"study": spec.name, "command": command, "commit": commit(), "hardware": hardware(), "date": now(),
-            "jobs": jobs or spec.jobs, "threads": spec.threads}
+            "jobs": jobs or spec.jobs, "threads": spec.threads, "seeds": list(seeds or spec.seeds)}
     with atomic_write(previous, "w") as f:
         json.dump(info, f, indent=2)
         f.write("\n")
@@ -90,6 +90,7 @@ def report_study(out: str | Path) -> dict[str, Any]:
         raise HolonsError(f"{out} holds no study (no spec.yaml / run.json)")
     spec = load_spec(yaml.safe_load((out / "spec.yaml").read_text()))
     info = json.loads((out / "run.json").read_text())
+    spec.seeds = list(info.get("seeds") or spec.seeds)  # the seeds run (holons study run --seeds)
     _, jobs = expand_jobs(spec, out)
     states = [s for s in (read_state(out, j.name) for j in jobs) if s]
     pooled = pool(spec, states)
