@@ -230,3 +230,14 @@ def test_a_signal_reaches_the_jobs_and_the_study_resumes(tmp_path):
 def test_study_interrupted_carries_the_signal(tmp_path):
     e = StudyInterrupted(15, tmp_path)
     assert e.signum == 15 and isinstance(e, HolonsError)
+
+
+def test_a_missing_secondary_metric_is_left_out_and_a_missing_primary_fails_the_job(tmp_path):
+    write = "import json; json.dump({'score': 1.0}, open('metrics.json', 'w'))"
+    spec = _spec(metrics={"score": {}, "extra": {"key": "not/there"}}, seeds=[0], verdicts=[],
+                 arms={"a": [["python", "-c", write]]})
+    record = run_study(spec, tmp_path / "ok", progress=False)
+    assert record["jobs"]["a_s0"]["status"] == "done"
+    assert record["arms"]["a"]["score"]["mean"] == 1.0 and record["arms"]["a"]["extra"]["n"] == 0
+    record = run_study({**spec, "primary": "extra"}, tmp_path / "bad", progress=False)
+    assert record["jobs"]["a_s0"]["status"] == "failed" and "not/there" in record["jobs"]["a_s0"]["error"]

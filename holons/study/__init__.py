@@ -73,7 +73,7 @@ def run_study(spec_or_path: str | Path | dict[str, Any], out: str | Path, *, job
     with atomic_write(previous, "w") as f:
         json.dump(info, f, indent=2)
         f.write("\n")
-    outcome = run_jobs(Job("setup", "setup", None, setup), job_list, out, spec.metrics,
+    outcome = run_jobs(Job("setup", "setup", None, setup), job_list, out, spec.metrics, spec.primary,
                        parallel=jobs or spec.jobs, threads=spec.threads, progress=progress)
     record = report_study(out)
     if outcome.signum is not None:

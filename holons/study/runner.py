@@ -66,21 +66,27 @@ def _lookup(tree: Any, key: str) -> Any:
     return tree
 
 
-def job_values(folder: Path, metrics: dict[str, Metric]) -> dict[str, float | None]:
-    """Each metric's number, read from the job folder's JSON files (``HolonsError`` when one is missing)."""
+def job_values(folder: Path, metrics: dict[str, Metric], primary: str) -> dict[str, float | None]:
+    """Each metric's number, read from the job folder's JSON files: None for a secondary metric the job did
+    not write (e.g. a few-shot size a smaller run leaves out); ``HolonsError`` when the primary is missing."""
     values: dict[str, float | None] = {}
     files: dict[str, Any] = {}
     for m in metrics.values():
         path = folder / m.file
-        if m.file not in files:
-            try:
-                files[m.file] = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise HolonsError(f"metric {m.name}: cannot read {path}: {e}") from e
         try:
-            v = _lookup(files[m.file], m.key)
-        except KeyError as e:
-            raise HolonsError(f"metric {m.name}: {path} has no key {m.key!r} (missing {e})") from e
+            if m.file not in files:
+                try:
+                    files[m.file] = json.loads(path.read_text())
+                except (OSError, ValueError) as e:
+                    raise HolonsError(f"metric {m.name}: cannot read {path}: {e}") from e
+            try:
+                v = _lookup(files[m.file], m.key)
+            except KeyError as e:
+                raise HolonsError(f"metric {m.name}: {path} has no key {m.key!r} (missing {e})") from e
+        except HolonsError:
+            if m.name == primary:
+                raise
+            v = None
         values[m.name] = None if v is None else float(v)
     return values
 
@@ -117,7 +123,7 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _run_one(job: Job, out: Path, metrics: dict[str, Metric], children: _Children,
+def _run_one(job: Job, out: Path, metrics: dict[str, Metric], primary: str, children: _Children,
              env: dict[str, str]) -> str:
     """Run (or reuse, or continue) one job; returns its status: done, reused, failed or interrupted."""
     state = read_state(out, job.name)
@@ -165,7 +171,7 @@ def _run_one(job: Job, out: Path, metrics: dict[str, Metric], children: _Childre
         _write_state(out, job.name, state)
     else:
         try:
-            state["values"] = job_values(folder, metrics) if metrics else {}
+            state["values"] = job_values(folder, metrics, primary) if metrics else {}
             state["status"] = "done"
         except HolonsError as e:
             state["status"], state["error"] = "failed", str(e)
@@ -173,8 +179,8 @@ def _run_one(job: Job, out: Path, metrics: dict[str, Metric], children: _Childre
     return state["status"]
 
 
-def run_jobs(setup: Job | None, jobs: list[Job], out: Path, metrics: dict[str, Metric], *, parallel: int,
-             threads: int, progress: bool | None = None) -> RunOutcome:
+def run_jobs(setup: Job | None, jobs: list[Job], out: Path, metrics: dict[str, Metric], primary: str, *,
+             parallel: int, threads: int, progress: bool | None = None) -> RunOutcome:
     """Run ``setup`` (once, first), then ``jobs``, ``parallel`` at a time; see the module docstring."""
     from tqdm.auto import tqdm
 
@@ -186,7 +192,7 @@ def run_jobs(setup: Job | None, jobs: list[Job], out: Path, metrics: dict[str, M
     previous = {s: signal.signal(s, children.handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         if setup is not None and setup.steps:
-            status = _run_one(setup, out, {}, children, env)
+            status = _run_one(setup, out, {}, "", children, env)
             if status in ("failed", "interrupted"):
                 getattr(outcome, status).append(setup.name)
                 outcome.signum = children.signum
@@ -204,7 +210,7 @@ def run_jobs(setup: Job | None, jobs: list[Job], out: Path, metrics: dict[str, M
         bar = tqdm(total=len(jobs), initial=len(outcome.reused), desc="jobs", unit="job",
                    disable=progress is False, dynamic_ncols=True)
         with bar, ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-            pending = {pool.submit(_run_one, j, out, metrics, children, env): j for j in todo}
+            pending = {pool.submit(_run_one, j, out, metrics, primary, children, env): j for j in todo}
             while pending:
                 finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in finished:
