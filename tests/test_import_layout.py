@@ -6,9 +6,10 @@ including those inside functions (lazy imports still tie two modules together). 
 (a) no import cycle between holons modules;
 (b) imports run one way (DESIGN.md, "Package layout"): ``holons.data`` and ``holons.anatomy``
     (and the shared top-level helpers ``errors``, ``files``, ``config``, ``signals`` and the run
-    layer ``runs``) import nothing from ``ssl`` / ``finetune`` / ``eval`` / ``cli``; ``ssl``
-    nothing from ``finetune`` / ``eval`` / ``cli``; ``finetune`` nothing from ``eval`` / ``cli``;
-    ``eval`` nothing from ``cli``.
+    layer ``runs``) import
+    nothing from ``ssl`` / ``finetune`` / ``eval`` / ``study`` / ``cli``; ``ssl`` nothing from
+    ``finetune`` / ``eval`` / ``study`` / ``cli``; ``finetune`` nothing from ``eval`` / ``study`` / ``cli``;
+    ``eval`` nothing from ``study`` / ``cli``; ``study`` nothing from ``cli``.
 
 An import of a package (``from holons.data import read_image``) is an edge to the package's
 ``__init__``; the implicit import of parent packages when a submodule is imported is not an edge
@@ -36,7 +37,8 @@ LAYERS = {
     "holons.ssl": 1,
     "holons.finetune": 2,
     "holons.eval": 3,
-    "holons.cli": 4,
+    "holons.study": 4,
+    "holons.cli": 5,
 }
 
 # (importer, imported) pairs allowed against rule (b), each with the reason. None today; add one

@@ -58,7 +58,7 @@ def demo_steps(out: Path, n: int = 300, seed: int = 0, fast: bool = False) -> li
 
     cfg = _configs_dir()
     size, cache_size, cases = ("64", "64", "12") if fast else ("256", "128", "20")
-    # The budget of benchmarks/anatomy_proof.py (240 steps per method, cpu_tiny's stage shares), at
+    # The budget of configs/studies/anatomy_proof.yaml (240 steps per method, cpu_tiny's stage shares), at
     # which adamv2 measurably beats random init and dino on held-out phantoms.
     pretrain_extra = ["curriculum.stages=[{mode: localizability, levels: [0, 1], steps_per_level: 40}, "
                       "{mode: part_whole, levels: [0, 1], steps_per_level: 80}]"]

@@ -11,11 +11,11 @@ findings and CAM localization) for every weight set and seed, then writes::
                          curves, part-whole cosine distributions
     OUT/runs/<name>/<protocol>/seed_<s>/   each protocol's own results.json and CSVs
 
-Random init always takes part (added when not given). Each seed is one evaluation run: it
-chooses the correspondence pairs, the few-shot support images and decoder initialization, the
-classification label subsets, and the initialization of random weights. A run whose results
-exist for the same weights (content hash) and settings is reused, so an interrupted comparison
-resumes where it stopped.
+Random init takes part (added when not given; not with ``with_random=False``). Each seed is one
+evaluation run: it chooses the correspondence pairs, the few-shot support images and decoder
+initialization, the classification label subsets, and the initialization of random weights. A run
+whose results exist for the same weights (content hash) and settings is reused, so an interrupted
+comparison resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def weights_fingerprint(weights: str | Path) -> str:
 
 
 def resolve_weight_sets(weights: Mapping[str, str | Path], runs: Mapping[str, str | Path] | None = None,
-                        arch: str | None = None) -> tuple[list[WeightSet], str]:
-    """The weight sets to compare (random init first, added when missing) and the architecture.
+                        arch: str | None = None, with_random: bool = True) -> tuple[list[WeightSet], str]:
+    """The weight sets to compare (random init first, added when missing unless ``with_random`` is False)
+    and the architecture.
 
     The architecture is ``arch`` or the one recorded in the exported folders, which must agree (the
     comparison holds the backbone fixed). A folder ``RUN/exported`` finds its run dir by itself.
@@ -169,7 +170,7 @@ def resolve_weight_sets(weights: Mapping[str, str | Path], runs: Mapping[str, st
                           "a comparison holds the backbone fixed")
     if not distinct:
         raise ConfigError("random weights need --arch NAME (a timm model, e.g. convnext_atto)")
-    if not any(s.weights == RANDOM for s in sets):
+    if with_random and not any(s.weights == RANDOM for s in sets):
         if RANDOM in weights:
             raise ConfigError("the name 'random' is kept for random init")
         sets.insert(0, WeightSet(RANDOM, RANDOM))
@@ -586,6 +587,7 @@ def compare(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     device: str | None = None,
     log: Callable[[str], None] | None = None,
+    with_random: bool = True,
 ) -> dict:
     """Evaluate every weight set with every protocol and seed; write the report folder (see the module
     docstring) and return its summary (also in ``OUT/summary.json``).
@@ -593,7 +595,8 @@ def compare(
     ``weights``: ``{name: exported folder or "random"}``; ``runs``: ``{name: pretraining run dir}`` for
     the loss curves; ``settings``: per-protocol overrides of ``DEFAULT_SETTINGS`` (``FAST_SETTINGS``
     with ``fast``); ``classify_data``: the set for ``classify`` (default ``data``); ``log``: called with
-    one line per evaluation run.
+    one line per evaluation run; ``with_random=False``: only the given weight sets (a study evaluates each
+    arm in its own job).
     """
     t0 = time.perf_counter()
     for p in protocols:
@@ -601,7 +604,7 @@ def compare(
             raise ConfigError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
     if not seeds:
         raise ConfigError("compare needs at least one seed")
-    sets, arch = resolve_weight_sets(weights, runs, arch)
+    sets, arch = resolve_weight_sets(weights, runs, arch, with_random)
     out, data = Path(out), Path(data)
     load_annotated(data)  # a clear error before any work when the folder is not an annotated set
     base = FAST_SETTINGS if fast else DEFAULT_SETTINGS
