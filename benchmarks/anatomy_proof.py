@@ -330,8 +330,8 @@ def evaluate_model(weights: str, arch: str, seed: int, data, eval_dir: Path, arg
 def identity_reference(data, points: pd.DataFrame) -> tuple[dict[str, Any], pd.Series]:
     """The no-matching reference: predict each target landmark at the source landmark's own position
     (both phantoms share the frame). Same pairs as ``points``; a feature matcher worth the name beats it."""
-    from holons.eval.landmark_data import STRUCTURES
-    from holons.eval.metrics import error_summary
+    from holons.data.annotated import STRUCTURES
+    from holons.finetune.metrics import error_summary
 
     errors, pair_means = [], {}
     for src, tgt in points[["source", "target"]].drop_duplicates().itertuples(index=False):
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
-    from holons.eval.landmark_data import load_annotated
+    from holons.data.annotated import load_annotated
     from holons.files import atomic_write
 
     out: Path = args.out
