@@ -227,3 +227,49 @@ def test_predict_refuses_what_is_not_a_model_folder(tmp_path):
     with pytest.raises(HolonsError, match="not a model folder"):
         load_model(tmp_path)
     assert main(["predict", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def _covid_lung_manifest(folder: Path, out: Path) -> Path:
+    """A segmentation manifest (``path,lungs``) of covid_chestxray's images that have a lung mask of
+    their own size, non-square ones first."""
+    rows = []
+    for mask_path in sorted((folder / "annotations" / "lungVAE-masks").glob("*_mask.png")):
+        images = sorted((folder / "images").glob(mask_path.name[: -len("_mask.png")] + ".*"))
+        if not images:
+            continue
+        with Image.open(mask_path) as m, Image.open(images[0]) as im:
+            if m.size != im.size:
+                continue
+            w, h = m.size
+        rows.append({"path": str(images[0]), "lungs": str(mask_path), "square": abs(h - w) < 0.1 * max(h, w)})
+    table = pd.DataFrame(rows).sort_values("square", kind="stable").drop(columns="square")
+    table.to_csv(out, index=False)
+    return out
+
+
+@pytest.mark.slow
+def test_covid_non_square_predictions_land_on_the_source_lungs(shared_data, tmp_path):
+    """Trained on a few real non-square radiographs (letterboxed), the masks `holons predict` writes have
+    each original image's height x width and cover its lungs (Dice against the lungVAE mask)."""
+    folder = shared_data / "radiographs" / "covid_chestxray"
+    if not (folder / "annotations" / "lungVAE-masks").is_dir():
+        pytest.skip("covid_chestxray lung masks not available")
+    manifest = pd.read_csv(_covid_lung_manifest(folder, tmp_path / "all.csv"))
+    if len(manifest) < 14:
+        pytest.skip(f"only {len(manifest)} covid_chestxray images with same-size lung masks")
+    held = manifest.iloc[:4]  # non-square first
+    manifest.iloc[4:14].to_csv(tmp_path / "train.csv", index=False)
+    held.to_csv(tmp_path / "held.csv", index=False)
+    result = finetune_segment(None, data=tmp_path / "train.csv", out=tmp_path / "m",
+                              overrides=["steps=60", "size=64", "val_fraction=0"])
+    out = predict(result.folder, tmp_path / "held.csv", out=tmp_path / "pred", report=None)
+    table = pd.read_csv(out.table)
+    assert len(table) == 4
+    scores = []
+    for (_, row), (_, truth) in zip(table.iterrows(), held.iterrows(), strict=True):
+        gold = read_mask(truth["lungs"])
+        png = read_mask(tmp_path / "pred" / row["lungs"])
+        assert png.shape == gold.shape == (row["height"], row["width"])
+        scores.append(dice(png, gold))
+    assert min(table["height"] != table["width"]), "the held-out images are non-square"
+    assert np.mean(scores) > 0.6, scores
