@@ -24,7 +24,7 @@ from holons.data.labelled import label_subset, load_classification_set
 from holons.errors import HolonsError
 from holons.finetune.backbones import to_input
 from holons.finetune.config import ClassifyConfig
-from holons.finetune.heads import Classifier
+from holons.finetune.heads import Classifier, optimizer_step
 from holons.finetune.inputs import log_and_print, read_canvases, train_val_indices
 from holons.finetune.metrics import accuracy, auc
 from holons.finetune.model_folder import FinetuneResult
@@ -59,11 +59,7 @@ def train_classifier(backbone: Backbone, images: torch.Tensor, labels: np.ndarra
         idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=gen)
         per_task = model.task_logits(model(images[idx].to(device)))
         loss = sum(F.cross_entropy(logits, y[idx, t].to(device)) for t, logits in enumerate(per_task))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log is not None and (step + 1) % max(1, steps // 10) == 0:
-            log(f"step {step + 1}/{steps} loss {loss.item():.4f}")
+        optimizer_step(opt, loss, step, steps, log=log)
     return model.eval()
 
 

@@ -10,7 +10,7 @@ while every other structure has its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from holons.data.annotated import STRUCTURES
 from holons.errors import HolonsError
 from holons.ssl.backbone import Backbone
 
-__all__ = ["STRUCTURE_GROUPS", "UNetDecoder", "Segmenter", "Classifier", "structure_groups"]
+__all__ = ["STRUCTURE_GROUPS", "UNetDecoder", "Segmenter", "Classifier", "structure_groups", "optimizer_step"]
 
 STRUCTURE_GROUPS = {"lungs": ("right_lung", "left_lung"), "clavicles": ("right_clavicle", "left_clavicle")}
 
@@ -104,7 +104,27 @@ def structure_groups(structures: Sequence[str] = STRUCTURES) -> list[list[int]]:
     return groups
 
 
-class Segmenter(nn.Module):
+class _EncoderHead(nn.Module):
+    """A backbone and a head; with ``frozen`` the backbone runs without gradients and stays in eval mode."""
+
+    def __init__(self, backbone: Backbone, *, frozen: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.frozen = frozen
+        if frozen:
+            backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _EncoderHead:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def _encoder_grad(self) -> torch.set_grad_enabled:
+        return torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen)
+
+
+class Segmenter(_EncoderHead):
     """Backbone pyramid + U-Net decoder(s); with ``frozen`` the encoder runs without gradients in eval mode.
 
     ``groups`` partitions the output channels; each part gets its own decoder (None: one decoder for
@@ -115,12 +135,10 @@ class Segmenter(nn.Module):
 
     def __init__(self, backbone: Backbone, num_classes: int, *, frozen: bool, width: int = 16,
                  image_width: int = 16, groups: Sequence[Sequence[int]] | None = None) -> None:
-        super().__init__()
+        super().__init__(backbone, frozen=frozen)
         parts = [list(range(num_classes))] if groups is None else [list(map(int, g)) for g in groups]
         if sorted(k for g in parts for k in g) != list(range(num_classes)) or not all(parts):
             raise HolonsError(f"groups must partition the {num_classes} output channels, got {groups}")
-        self.backbone = backbone
-        self.frozen = frozen
         self.groups = parts
         stride = _first_stride(backbone)
         self.decoders = nn.ModuleList(
@@ -128,46 +146,42 @@ class Segmenter(nn.Module):
             for g in parts)
         self.register_buffer("order", torch.argsort(torch.tensor([k for g in parts for k in g])),
                              persistent=False)
-        if frozen:
-            backbone.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> Segmenter:
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        with self._encoder_grad():
             feats = self.backbone.forward_pyramid(x)
         logits = torch.cat([d(feats, x.shape[-2:], x) for d in self.decoders], dim=1)
         return logits.index_select(1, self.order)
 
 
-class Classifier(nn.Module):
+class Classifier(_EncoderHead):
     """Backbone + one linear layer whose outputs are the tasks' class logits side by side
     (``num_classes[t]`` for task ``t``); with ``frozen`` the encoder runs without gradients in eval mode."""
 
     def __init__(self, backbone: Backbone, num_classes: Sequence[int], *, frozen: bool) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.frozen = frozen
+        super().__init__(backbone, frozen=frozen)
         self.num_classes = [int(c) for c in num_classes]
         self.head = nn.Linear(backbone.embed_dim, int(sum(self.num_classes)))
-        if frozen:
-            backbone.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> Classifier:
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        with self._encoder_grad():
             feats = self.backbone(x)
         return self.head(feats)
 
     def task_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """The logits split per task."""
         return list(torch.split(logits, self.num_classes, dim=1))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, steps: int, *,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                   log: Callable[[str], None] | None = None) -> None:
+    """One step of a head's training loop: backward, step (and the schedule), the loss logged every
+    tenth of ``steps``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if scheduler is not None:
+        scheduler.step()
+    if log is not None and (step + 1) % max(1, steps // 10) == 0:
+        log(f"step {step + 1}/{steps} loss {loss.item():.4f}")

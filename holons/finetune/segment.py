@@ -24,7 +24,7 @@ from holons.data.annotated import SegmentationSet, load_segmentation_set
 from holons.errors import HolonsError
 from holons.finetune.backbones import to_input
 from holons.finetune.config import SegmentConfig
-from holons.finetune.heads import Segmenter, structure_groups
+from holons.finetune.heads import Segmenter, optimizer_step, structure_groups
 from holons.finetune.inputs import READ_ERRORS, log_and_print, read_canvases, take_subset, train_val_indices
 from holons.finetune.metrics import dice
 from holons.finetune.model_folder import FinetuneResult
@@ -148,12 +148,7 @@ def train_segmenter(
         if augment:
             x, y = _augment(x, y, gen)
         loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log is not None and (step + 1) % max(1, steps // 10) == 0:
-            log(f"step {step + 1}/{steps} loss {loss.item():.4f}")
+        optimizer_step(opt, loss, step, steps, scheduler=sched, log=log)
     return model.eval()
 
 
