@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from holons.cli import main
+from holons.data.annotated import STRUCTURES, landmarks_to_canvas, landmarks_to_source, load_annotated
+from holons.data.labelled import label_subset, load_classification_set
+from holons.data.preprocess import Preprocessing
 from holons.errors import ConfigError
-from holons.eval import metrics
-from holons.eval.classify import knn_scores, label_subset, linear_probe_scores, load_classification_set
+from holons.eval.classify import knn_scores, linear_probe_scores
 from holons.eval.correspondence import match_points, part_whole_cosines, sample_pairs
 from holons.eval.features import load_backbone
 from holons.eval.fewshot_seg import evaluate_fewshot_segmentation, format_fewshot
-from holons.eval.landmark_data import STRUCTURES, load_annotated, resize_mask, scale_points
+from holons.finetune import metrics
 
 torch.set_num_threads(1)
 
@@ -109,7 +111,7 @@ def _twin_set(phantoms, out, shift: tuple[int, int] = (0, 0)):
 
     from PIL import Image
 
-    from holons.eval.landmark_data import LANDMARK_KEYS
+    from holons.data.annotated import LANDMARK_KEYS
 
     src = load_annotated(phantoms)
     image_id = src.ids()[0]
@@ -146,11 +148,14 @@ def test_correspondence_frame_chain_self_match_and_shift(phantoms, tmp_path):
     assert moved.summary["overall"]["median_px"] <= 1.0 and moved.summary["overall"]["mean_px"] <= 3.0
 
 
-def test_scale_points_round_trip_and_pixel_centres():
+def test_landmarks_round_trip_through_the_canvas_with_pixel_centres():
+    geometry = Preprocessing(size=256).geometry(1024, 1024)
     pts = np.array([[0.0, 0.0], [1023.0, 511.5]])
-    small = scale_points(pts, (1024, 1024), (256, 256))
+    small = landmarks_to_canvas(pts, geometry)
     np.testing.assert_allclose(small[0], [-0.375, -0.375])
-    np.testing.assert_allclose(scale_points(small, (256, 256), (1024, 1024)), pts)
+    np.testing.assert_allclose(landmarks_to_source(small, geometry), pts)
+    wide = Preprocessing(size=256).geometry(512, 1024)  # letterboxed: 128 rows of content, 64 padded above
+    np.testing.assert_allclose(landmarks_to_canvas(np.array([[1023.0, 0.0]]), wide), [[255.375, 63.625]])
 
 
 def test_sample_pairs_prefers_different_patients():
@@ -226,7 +231,7 @@ def test_annotated_loader_reads_phantoms(phantoms):
     assert [len(lm[s]) for s in STRUCTURES] == [44, 50, 26, 23, 23]
     masks = data.masks(image_id)
     assert masks.shape == (5, 64, 64) and masks.dtype == bool and masks.any(axis=(1, 2)).all()
-    assert resize_mask(masks, 32).shape == (5, 32, 32)
+    assert data.structures == STRUCTURES
 
 
 def test_load_backbone_errors(tmp_path):

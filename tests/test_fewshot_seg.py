@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from holons.data.annotated import STRUCTURES
 from holons.errors import HolonsError
 from holons.eval.features import load_backbone
-from holons.eval.fewshot_seg import (
-    STRUCTURE_GROUPS,
-    SegmentationLoss,
-    Segmenter,
-    predict_masks,
-    structure_groups,
-    train_segmenter,
-)
-from holons.eval.landmark_data import STRUCTURES
-from holons.eval.metrics import dice
+from holons.finetune.heads import STRUCTURE_GROUPS, Segmenter, structure_groups
+from holons.finetune.metrics import dice
+from holons.finetune.segment import SegmentationLoss, predict_masks, train_segmenter
 
 torch.set_num_threads(1)
 

@@ -11,15 +11,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from holons.cli import main
+from holons.data.annotated import STRUCTURES, load_localization_set
 from holons.errors import HolonsError
-from holons.eval.landmark_data import STRUCTURES
-from holons.eval.localization import (
-    class_activation_maps,
-    evaluate_localization,
-    load_localization_set,
-)
-from holons.eval.metrics import box_iou, max_box_acc_v2, region_boxes
+from holons.eval.localization import class_activation_maps, evaluate_localization
 from holons.eval.report import compare, format_headline
+from holons.finetune.metrics import box_iou, max_box_acc_v2, region_boxes
 
 
 def test_box_iou_by_hand():

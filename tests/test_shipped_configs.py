@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from holons.config import load_config
+from holons.finetune.config import ClassifyConfig, SegmentConfig
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.ssl.config import PretrainConfig, validate
 from holons.ssl.methods import plan_segments
@@ -31,6 +32,9 @@ def _config_class(name: str) -> type:
         return PretrainConfig
     if folder == "finetune" and Path(name).name.startswith("karyotype") and name.endswith(".yaml"):
         return KaryotypeConfig
+    radiograph = {"classify": ClassifyConfig, "segment": SegmentConfig}
+    if folder == "finetune" and Path(name).stem.split("_")[0] in radiograph and name.endswith(".yaml"):
+        return radiograph[Path(name).stem.split("_")[0]]
     raise AssertionError(f"configs/{name}: no typed config class known for it; add it to this test")
 
 
@@ -47,7 +51,7 @@ def test_config_loads_and_validates(name):
         validate(cfg)
         segments = plan_segments(cfg, steps_per_epoch=10)
         assert segments and all(s.steps > 0 for s in segments)
-    else:
+    elif cls is KaryotypeConfig:
         assert cfg.model.g_backbone and cfg.data.input_size >= 16  # __post_init__ checked the rest
 
 

@@ -1,12 +1,8 @@
 """Classification transfer: kNN, linear probe and fine-tuning at label fractions.
 
-Data sets (detected from the folder):
-
-- phantoms (``image_table.csv`` with ``cardiomegaly`` and ``nodule``): two binary findings
-  (multi-label); train = split ``train``, test = ``test`` (else ``val``).
-- the covid set (``metadata.csv`` with ``finding`` and ``patientid``): frontal views only, one
-  single-label task ``covid19`` (COVID-19 in ``finding`` vs any other finding); train / test split
-  by patient (keyed hash of the patient id, seeded; ``holons.data.splits``).
+Data sets: ``holons.data.labelled`` (phantoms, the covid set, a label manifest with train / test
+splits). Images go through the preprocessing contract (``holons.data.preprocess``, letterbox at
+``size``); unreadable ones are left out and counted.
 
 Protocols, each at every label fraction (the labelled subset of the train split, drawn per seed,
 with at least one example of every class where the split has one):
@@ -14,7 +10,8 @@ with at least one example of every class where the split has one):
 - ``knn``: cosine similarity of pooled embeddings, the k = 20 nearest, votes weighted by
   exp(sim / T) with T = 0.07 (as in DINO's kNN evaluation);
 - ``linear``: scikit-learn logistic regression on standardized pooled embeddings;
-- ``finetune``: the backbone plus a linear head trained end to end for a few steps.
+- ``finetune``: the backbone plus a linear head trained end to end for a few steps
+  (``holons.finetune.classify.train_classifier``).
 
 Metrics per task: AUC with a seeded bootstrap 95 % interval over test images; accuracy and
 macro-F1 for single-label sets.
@@ -22,11 +19,9 @@ macro-F1 for single-label sets.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +31,10 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from torch import nn
 from tqdm.auto import tqdm
 
-from holons.data.image import UnreadableImage
-from holons.data.readers import read_image
-from holons.data.splits import patient_splits
+from holons.data.labelled import ClassificationSet, label_subset, load_classification_set
+from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
 from holons.eval.features import (
     describe_weights,
@@ -52,89 +45,18 @@ from holons.eval.features import (
     resolve_device,
     to_input,
 )
-from holons.eval.landmark_data import load_annotated, resize_image
-from holons.eval.metrics import accuracy, auc_with_ci, macro_f1
 from holons.eval.results import format_table, write_results
+from holons.finetune.classify import class_probabilities, train_classifier
+from holons.finetune.inputs import read_canvases
+from holons.finetune.metrics import accuracy, auc_with_ci, macro_f1
 from holons.ssl.backbone import Backbone
 
 __all__ = [
-    "PROTOCOLS", "ClassificationSet", "load_classification_set", "label_subset", "knn_scores",
-    "linear_probe_scores", "finetune_scores", "task_metrics", "evaluate_classification",
+    "PROTOCOLS", "knn_scores", "linear_probe_scores", "task_metrics", "evaluate_classification",
     "run_classification", "format_classification",
 ]
 
 PROTOCOLS = ("knn", "linear", "finetune")
-PHANTOM_FINDINGS = ("cardiomegaly", "nodule")
-
-
-@dataclass
-class ClassificationSet:
-    """Images with labels: ``labels`` is ``N x T`` class indices (one column per task)."""
-
-    name: str
-    paths: list[Path]
-    labels: np.ndarray
-    tasks: list[str]
-    class_names: list[list[str]]
-    split: np.ndarray  # "train" | "test" per image
-    single_label: bool
-
-    def indices(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
-
-
-def load_classification_set(
-    root: str | Path, *, seed: int = 0, test_fraction: float = 0.3
-) -> ClassificationSet:
-    """Open a phantom set or the covid set at ``root`` (see the module docstring)."""
-    root = Path(root)
-    table = root / "image_table.csv"
-    if table.is_file() and set(PHANTOM_FINDINGS) <= set(pd.read_csv(table, nrows=0).columns):
-        data = load_annotated(root)
-        test = data.default_eval_split()
-        t = data.table[data.table["split"].isin(["train", test])]
-        labels = np.stack([t[f].astype(int).to_numpy() for f in PHANTOM_FINDINGS], axis=1)
-        return ClassificationSet(
-            name="phantoms", paths=[data.image_path(i) for i in t["id"]], labels=labels,
-            tasks=list(PHANTOM_FINDINGS), class_names=[["absent", "present"]] * len(PHANTOM_FINDINGS),
-            split=np.where(t["split"].to_numpy() == "train", "train", "test"), single_label=False,
-        )
-    meta = root / "metadata.csv"
-    if meta.is_file():
-        m = pd.read_csv(meta, dtype=str, keep_default_na=False)
-        missing = {"finding", "patientid", "filename"} - set(m.columns)
-        if missing:
-            raise HolonsError(f"{meta} lacks columns {sorted(missing)}")
-        if "view" in m.columns:
-            m = m[m["view"].str.upper() != "L"]  # frontal views only
-        folder = root / "images"
-        m = m[[(folder / f).is_file() for f in m["filename"]]]
-        if m.empty:
-            raise HolonsError(f"no images of {meta} found under {folder}")
-        covid = m["finding"].str.contains("COVID-19", regex=False).astype(int).to_numpy()
-        split = patient_splits(m["patientid"].tolist(), (1 - test_fraction, 0.0, test_fraction), seed=seed)
-        return ClassificationSet(
-            name="covid", paths=[folder / f for f in m["filename"]], labels=covid[:, None], tasks=["covid19"],
-            class_names=[["other", "COVID-19"]], split=np.where(split == "train", "train", "test"),
-            single_label=True,
-        )
-    raise HolonsError(f"{root} is neither a phantom set (image_table.csv with cardiomegaly, nodule) "
-                      "nor a finding-labelled set (metadata.csv with finding, patientid, filename)")
-
-
-def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a ``fraction`` of the rows of ``labels`` (``N x T``), seeded, topped up so that every
-    class present in every task has at least one example."""
-    if not 0.0 < fraction <= 1.0:
-        raise HolonsError(f"label fraction must be within (0, 1], got {fraction}")
-    n = len(labels)
-    order = np.random.default_rng(seed).permutation(n)
-    take = list(order[: max(1, math.ceil(fraction * n))])
-    for t in range(labels.shape[1]):
-        for c in np.unique(labels[:, t]):
-            if not np.any(labels[take, t] == c):
-                take.append(next(i for i in order if labels[i, t] == c))
-    return np.sort(np.asarray(take))
 
 
 def knn_scores(train_emb: np.ndarray, train_y: np.ndarray, test_emb: np.ndarray, num_classes: int, *,
@@ -165,37 +87,6 @@ def linear_probe_scores(train_emb: np.ndarray, train_y: np.ndarray, test_emb: np
     return out
 
 
-def finetune_scores(backbone: Backbone, train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor,
-                    num_classes: Sequence[int], *, steps: int = 100, batch_size: int = 16, lr: float = 1e-3,
-                    encoder_lr: float = 1e-4, seed: int = 0, device: str | torch.device = "cpu",
-                    ) -> list[np.ndarray]:
-    """Fine-tune a copy of ``backbone`` with one linear head per task (cross-entropy summed over tasks);
-    return per-task class probabilities on ``test_x``."""
-    torch.manual_seed(seed)
-    model = copy.deepcopy(backbone).to(device)
-    head = nn.Linear(backbone.embed_dim, int(sum(num_classes))).to(device)
-    opt = torch.optim.AdamW([{"params": head.parameters(), "lr": lr},
-                             {"params": model.parameters(), "lr": encoder_lr}], weight_decay=1e-4)
-    y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
-    bounds = np.cumsum([0, *num_classes])
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=gen)
-        logits = head(model(train_x[idx].to(device)))
-        loss = sum(F.cross_entropy(logits[:, bounds[t]:bounds[t + 1]], y[idx, t].to(device))
-                   for t in range(len(num_classes)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([head(model(test_x[i:i + batch_size].to(device))).cpu()
-                            for i in range(0, len(test_x), batch_size)])
-    return [logits[:, bounds[t]:bounds[t + 1]].softmax(dim=1).numpy().astype(np.float64)
-            for t in range(len(num_classes))]
-
-
 def task_metrics(y_true: np.ndarray, scores: np.ndarray, *, single_label: bool, n_boot: int = 1000,
                  seed: int = 0) -> dict[str, float]:
     """AUC with bootstrap interval; accuracy and macro-F1 (over all classes) when ``single_label``."""
@@ -205,18 +96,6 @@ def task_metrics(y_true: np.ndarray, scores: np.ndarray, *, single_label: bool, 
         out["accuracy"] = accuracy(y_true, pred)
         out["macro_f1"] = macro_f1(y_true, pred, labels=list(range(scores.shape[1])))
     return out
-
-
-def _read_images(paths: Sequence[Path], size: int, show: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Images resized to ``size``; unreadable files are skipped (their mask entry is False)."""
-    images, ok = [], []
-    for p in tqdm(paths, desc="read images", disable=not show):
-        try:
-            images.append(resize_image(read_image(p).pixels, size))
-            ok.append(True)
-        except UnreadableImage:
-            ok.append(False)
-    return np.stack(images) if images else np.zeros((0, size, size), np.float32), np.asarray(ok)
 
 
 def evaluate_classification(
@@ -240,9 +119,11 @@ def evaluate_classification(
     for p in protocols:
         if p not in PROTOCOLS:
             raise HolonsError(f"unknown protocol {p!r}; choose from {PROTOCOLS}")
-    dev = resolve_device(device if device is None else str(device))
+    dev = resolve_device(device)
     show = progress_enabled(progress)
-    pixels, ok = _read_images(data.paths, size, show)
+    pixels, geometries = read_canvases(data.paths, Preprocessing(size=size), show=show)
+    ok = np.asarray([g is not None for g in geometries], dtype=bool)
+    pixels = pixels[ok]
     labels, split = data.labels[ok], data.split[ok]
     train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     if len(train) == 0 or len(test) == 0:
@@ -257,8 +138,10 @@ def evaluate_classification(
     for protocol, fraction, seed in tqdm(runs, desc="classification runs", disable=not show):
         sub = train[label_subset(labels[train], fraction, seed)]
         if protocol == "finetune":
-            per_task = finetune_scores(backbone, x[sub], labels[sub], x[test], n_classes, steps=steps,
-                                       batch_size=batch_size, seed=seed, device=dev)
+            model = train_classifier(backbone, x[sub], labels[sub], n_classes, steps=steps,
+                                     batch_size=batch_size,
+                                     seed=seed, device=dev)
+            per_task = class_probabilities(model, x[test], batch_size=batch_size, device=dev)
         elif protocol == "knn":
             per_task = [knn_scores(emb[sub], labels[sub, t], emb[test], n_classes[t], k=k,
                                    temperature=temperature) for t in range(len(n_classes))]
@@ -273,7 +156,8 @@ def evaluate_classification(
     table = pd.DataFrame(rows)
     summary = {
         "protocol": "classify", "dataset": data.name, "tasks": data.tasks, "single_label": data.single_label,
-        "size": size, "fractions": list(fractions), "seeds": list(seeds), "protocols": list(protocols),
+        "size": size, "preprocessing": Preprocessing(size=size).to_dict(), "fractions": list(fractions),
+        "seeds": list(seeds), "protocols": list(protocols),
         "n_train": int(len(train)), "n_test": int(len(test)), "unreadable": int((~ok).sum()),
         "knn": {"k": k, "temperature": temperature}, "finetune_steps": steps,
         "results": _summarize(table), "elapsed_s": round(time.perf_counter() - t0, 2),

@@ -1,6 +1,7 @@
 """Zero-shot anatomical correspondence and part-whole consistency of a backbone.
 
-Landmark matching: every image is resized to ``size x size`` (the evaluation frame); its dense
+Landmark matching: every image goes onto a ``size x size`` canvas through the preprocessing contract
+(``holons.data.preprocess``, letterbox; the evaluation frame); its dense
 last-stage features are bilinearly upsampled to that frame. A source landmark's feature is the
 upsampled map sampled (bilinearly) at the landmark; its match in the target image is the pixel
 of highest cosine similarity. The predicted pixel is mapped back to the target's own frame
@@ -29,6 +30,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from holons.data.annotated import (
+    STRUCTURES,
+    AnnotatedRadiographs,
+    landmarks_to_canvas,
+    landmarks_to_source,
+    load_annotated,
+)
+from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
 from holons.eval.features import (
     dense_features,
@@ -40,15 +49,8 @@ from holons.eval.features import (
     resolve_device,
     to_input,
 )
-from holons.eval.landmark_data import (
-    STRUCTURES,
-    AnnotatedRadiographs,
-    load_annotated,
-    resize_image,
-    scale_points,
-)
-from holons.eval.metrics import error_summary, landmark_errors
 from holons.eval.results import format_table, write_results
+from holons.finetune.metrics import error_summary, landmark_errors
 from holons.ssl.backbone import Backbone
 
 __all__ = [
@@ -198,11 +200,11 @@ def evaluate_correspondence(
     patients = [data.patient(i) for i in ids]
     chosen = sample_pairs(ids, patients, pairs, seed)
     used = sorted({i for p in chosen for i in p}, key=ids.index)
-    images, frames = {}, {}
+    preprocessing = Preprocessing(size=size)
+    images, geometries, frames = {}, {}, {}
     for image_id in tqdm(used, desc="read images", disable=not show):
-        pixels = data.read(image_id)
-        frames[image_id] = pixels.shape[:2]
-        images[image_id] = resize_image(pixels, size)
+        images[image_id], geometries[image_id] = preprocessing.read(data.image_path(image_id))
+        frames[image_id] = (geometries[image_id].orig_h, geometries[image_id].orig_w)
     x = to_input(np.stack([images[i] for i in used]), stats)
     maps = dense_features(backbone, x, stages=stages, batch_size=batch_size, device=dev)
     feats = dict(zip(used, maps, strict=True))
@@ -215,8 +217,8 @@ def evaluate_correspondence(
         for s in STRUCTURES:
             if len(src_lm[s]) != len(tgt_lm[s]):
                 raise HolonsError(f"{s}: {src} has {len(src_lm[s])} landmarks but {tgt} has {len(tgt_lm[s])}")
-            pred = match_points(up[0], scale_points(src_lm[s], frames[src], (size, size)), up[1])
-            pred = scale_points(pred, (size, size), frames[tgt])
+            pred = match_points(up[0], landmarks_to_canvas(src_lm[s], geometries[src]), up[1])
+            pred = landmarks_to_source(pred, geometries[tgt])
             err = landmark_errors(pred, tgt_lm[s])
             for p, (e, (px, py), (gx, gy)) in enumerate(zip(err, pred, tgt_lm[s], strict=True)):
                 rows.append((src, tgt, s, p, gx, gy, px, py, e))

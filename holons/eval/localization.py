@@ -3,7 +3,7 @@
 Protocol (after Choe et al., CVPR 2020, "Evaluating weakly supervised object localization methods
 right"), with a frozen backbone:
 
-1. Dense features ``F`` (last stage) of every image resized to ``size``; their global average
+1. Dense features ``F`` (last stage) of every image on its ``size`` canvas; their global average
    ``g`` is the embedding.
 2. Per binary finding, a logistic regression on standardized ``g`` over the train split (its AUC on
    the test split is reported: a map is only as good as the classifier behind it).
@@ -18,21 +18,16 @@ A reference row comes with it: the same score for the data prior alone (the mean
 mask of the train positives, the same map for every test image), so a CAM is credited only for what
 it finds beyond where the finding usually sits.
 
-Sets (detected from the folder):
-
-- phantoms (``image_table.csv`` with ``nodule_x``): ``nodule`` (box: centre ± half the diameter,
-  ``nodule_x / nodule_y / nodule_size`` in image pixels) and ``cardiomegaly`` (box of the heart
-  mask); train = split ``train``, test = ``test`` (else ``val``).
-- JSRT (``image_table.csv`` with ``has_nodule`` and ``nodule_x_1024``): ``nodule`` (centre in the
-  1024 px frame, diameter ``nodule_size_mm`` / 0.35 mm); train = ``hybridgnet_split`` train, test =
-  val.
+Sets (``holons.data.annotated.load_localization_set``): phantoms (``nodule`` and ``cardiomegaly``;
+train = split ``train``, test = ``test``, else ``val``) and JSRT (``nodule``; train =
+``hybridgnet_split`` train, test = val). Images go through the preprocessing contract
+(``holons.data.preprocess``, letterbox at ``size``); boxes are mapped onto the same canvas.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +38,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from holons.data.annotated import LocalizationSet, landmarks_to_canvas, load_localization_set
 from holons.data.image import UnreadableImage
+from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
 from holons.eval.features import (
     dense_features,
@@ -54,76 +51,14 @@ from holons.eval.features import (
     resolve_device,
     to_input,
 )
-from holons.eval.landmark_data import (
-    STRUCTURES,
-    AnnotatedRadiographs,
-    load_annotated,
-    resize_image,
-    scale_points,
-)
-from holons.eval.metrics import BOX_IOU_THRESHOLDS, auc, max_box_acc_v2
 from holons.eval.results import format_table, write_results
+from holons.finetune.metrics import BOX_IOU_THRESHOLDS, auc, max_box_acc_v2
 from holons.ssl.backbone import Backbone
 
 __all__ = [
-    "LocalizationSet", "load_localization_set", "class_activation_maps", "evaluate_localization",
+    "class_activation_maps", "evaluate_localization",
     "run_localization", "format_localization",
 ]
-
-JSRT_PIXEL_MM = 0.35  # pixel size of JSRT's 1024 px frame
-
-
-@dataclass
-class LocalizationSet:
-    """Images with binary findings (``labels``: ``N x T``) and each positive's ground-truth boxes, read on
-    demand in the image's own frame (``boxes(task, i)``: ``K x 4`` (x0, y0, x1, y1))."""
-
-    name: str
-    data: AnnotatedRadiographs
-    ids: list[str]
-    tasks: list[str]
-    labels: np.ndarray
-    split: np.ndarray  # "train" | "test" per image
-
-    def boxes(self, task: str, i: int) -> np.ndarray:
-        row = self.data.table.loc[self.data.table["id"] == self.ids[i]].iloc[0]
-        if task == "cardiomegaly":
-            heart = self.data.masks(self.ids[i])[STRUCTURES.index("heart")]
-            ys, xs = np.nonzero(heart)
-            if not len(xs):
-                return np.zeros((0, 4))
-            return np.array([[xs.min() - 0.5, ys.min() - 0.5, xs.max() + 0.5, ys.max() + 0.5]])
-        if self.name == "jsrt":
-            x, y = float(row["nodule_x_1024"]), float(row["nodule_y_1024"])
-            r = float(row["nodule_size_mm"]) / JSRT_PIXEL_MM / 2
-        else:
-            x, y, r = float(row["nodule_x"]), float(row["nodule_y"]), float(row["nodule_size"]) / 2
-        return np.array([[x - r, y - r, x + r, y + r]])
-
-
-def _flag(values: pd.Series) -> np.ndarray:
-    return pd.to_numeric(values, errors="coerce").fillna(0).astype(int).to_numpy() > 0
-
-
-def load_localization_set(root: str | Path) -> LocalizationSet:
-    """Open a phantom set or JSRT at ``root`` (see the module docstring)."""
-    data = load_annotated(root)
-    t = data.table
-    if {"nodule", "nodule_x", "cardiomegaly"} <= set(t.columns):
-        test = data.default_eval_split()
-        t = t[t["split"].isin(["train", test])]
-        name, tasks = "phantoms", ["nodule", "cardiomegaly"]
-        labels = np.stack([_flag(t["nodule"]), _flag(t["cardiomegaly"])], axis=1)
-    elif {"has_nodule", "nodule_x_1024", "nodule_size_mm"} <= set(t.columns):
-        t = t[t["split"].isin(["train", "val"])]
-        name, tasks = "jsrt", ["nodule"]
-        labels = _flag(t["has_nodule"])[:, None]
-    else:
-        raise HolonsError(f"{root} has no findings with locations (phantoms: nodule_x, cardiomegaly; "
-                          "JSRT: has_nodule, nodule_x_1024)")
-    return LocalizationSet(name=name, data=data, ids=t["id"].tolist(), tasks=tasks, labels=labels.astype(int),
-                           split=np.where(t["split"].to_numpy() == "train", "train", "test"))
-
 
 def class_activation_maps(features: torch.Tensor, weights: np.ndarray, size: int) -> np.ndarray:
     """``sum_c weights_c * features_c`` (``features``: ``N x C x h x w``), bilinearly upsampled to
@@ -162,16 +97,17 @@ def evaluate_localization(
     unknown = sorted(set(chosen) - set(data.tasks))
     if unknown:
         raise HolonsError(f"unknown task(s) {unknown} for the {data.name} set; choose from {data.tasks}")
-    dev = resolve_device(device if device is None else str(device))
-    frames, resized, kept = [], [], []
+    dev = resolve_device(device)
+    preprocessing = Preprocessing(size=size)
+    geometries, resized, kept = [], [], []
     for i, image_id in enumerate(tqdm(data.ids, desc="read images", disable=not progress_enabled(progress))):
         try:
-            image = data.data.read(image_id)
+            canvas, geometry = preprocessing.read(data.data.image_path(image_id))
         except UnreadableImage:  # counted in the summary, left out
             continue
         kept.append(i)
-        frames.append(image.shape)
-        resized.append(resize_image(image, size))
+        geometries.append(geometry)
+        resized.append(canvas)
     kept = np.asarray(kept, dtype=int)
     split, labels = data.split[kept], data.labels[kept]
     train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
@@ -197,9 +133,9 @@ def evaluate_localization(
             raise HolonsError(f"task {task!r}: no test image has the finding")
 
         def scaled_boxes(i: int, task=task) -> np.ndarray:
-            """Boxes of kept image ``i`` in the ``size`` frame (corners mapped like landmarks)."""
+            """Boxes of kept image ``i`` on the canvas (corners mapped like landmarks)."""
             corners = data.boxes(task, int(kept[i])).reshape(-1, 2)
-            return scale_points(corners, frames[i][:2], (size, size)).reshape(-1, 4)
+            return landmarks_to_canvas(corners, geometries[i]).reshape(-1, 4)
 
         gt = [scaled_boxes(i) for i in positives]
         cams = class_activation_maps(feats[positives], probe.coef_[0] / scaler.scale_, size)
@@ -220,7 +156,8 @@ def evaluate_localization(
     for task in chosen:
         results[task]["peak_in_box"] = float(table.loc[table["task"] == task, "peak_in_box"].mean())
     summary = {
-        "protocol": "cam", "dataset": data.name, "size": size, "tasks": chosen,
+        "protocol": "cam", "dataset": data.name, "size": size,
+        "preprocessing": preprocessing.to_dict(), "tasks": chosen,
         "iou_thresholds": list(BOX_IOU_THRESHOLDS), "n_train": int(len(train)), "n_test": int(len(test)),
         "unreadable": int(len(data.ids) - len(kept)),
         "feature_grid": list(feats.shape[-2:]), "results": results,

@@ -37,12 +37,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from scipy import stats
 
+from holons.data.annotated import load_annotated
 from holons.errors import ConfigError
 from holons.eval.classify import run_classification
 from holons.eval.correspondence import run_correspondence
 from holons.eval.features import RANDOM, resolve_device
 from holons.eval.fewshot_seg import run_fewshot_segmentation
-from holons.eval.landmark_data import load_annotated
 from holons.eval.localization import run_localization
 from holons.eval.results import format_table, json_safe
 from holons.files import atomic_path, atomic_write

@@ -85,13 +85,14 @@ def _clear(out: Path, entries: Sequence[str]) -> None:
 
 
 def prepare_run(out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                leftovers: Sequence[str] = (), results: Sequence[str] = ()) -> Run:
+                leftovers: Sequence[str] = (), results: Sequence[str] = (), checkpoints: bool = True) -> Run:
     """Make ``out`` ready for a run under the rules of the module docstring.
 
     ``leftovers``: further entries this trainer writes before its first checkpoint (cleared with
     ``train.log`` and the rest); ``results``: what a finished run produces (``exported``,
-    ``model``): never cleared without ``overwrite``. Only one process prepares a folder (rank 0 of a
-    distributed run; the others make ``Run(out, resume=resume)``).
+    ``model``): never cleared without ``overwrite``; ``checkpoints=False``: a trainer that keeps
+    none (short fine-tuning runs) gets no ``checkpoints/`` folder. Only one process prepares a
+    folder (rank 0 of a distributed run; the others make ``Run(out, resume=resume)``).
     """
     out = Path(out)
     if resume and overwrite:
@@ -117,7 +118,9 @@ def prepare_run(out: str | Path, *, resume: bool = False, overwrite: bool = Fals
                               f"({foreign[0]}, ...); refusing to overwrite it")
         _clear(out, entries)
     _clear(out, run.cleared)
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if checkpoints:
+        run.checkpoints.mkdir(exist_ok=True)
     return run
 
 

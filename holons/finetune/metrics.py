@@ -1,5 +1,5 @@
-"""Metrics of the evaluation protocols: overlap, landmark error, PCK, AUC with bootstrap intervals,
-box localization (MaxBoxAccV2).
+"""Metrics of fine-tuned models' validation and of the evaluation protocols: overlap, landmark error,
+PCK, AUC with bootstrap intervals, box localization (MaxBoxAccV2).
 
 All functions take plain arrays and return plain Python numbers or dicts, so results serialize
 to JSON directly. Conventions: Dice of two empty masks is 1 (nothing to find, nothing found);
