@@ -13,7 +13,7 @@ from holons.errors import HolonsError
 from holons.eval.features import load_backbone
 from holons.finetune.heads import STRUCTURE_GROUPS, Segmenter, structure_groups
 from holons.finetune.metrics import dice
-from holons.finetune.segment import SegmentationLoss, predict_masks, train_segmenter
+from holons.finetune.segmenter import SegmentationLoss, predict_masks, train_segmenter
 
 torch.set_num_threads(1)
 

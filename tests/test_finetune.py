@@ -18,12 +18,12 @@ from holons.config import load_config
 from holons.data.annotated import read_mask
 from holons.errors import ConfigError, HolonsError
 from holons.finetune.backbones import load_backbone
-from holons.finetune.classify import finetune_classify
+from holons.finetune.classifier import finetune_classify
 from holons.finetune.config import ClassifyConfig, SegmentConfig
 from holons.finetune.metrics import dice
 from holons.finetune.model_folder import load_model
-from holons.finetune.predict import predict
-from holons.finetune.segment import finetune_segment
+from holons.finetune.prediction import predict
+from holons.finetune.segmenter import finetune_segment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"

@@ -36,10 +36,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from holons.finetune.classify import finetune_classify
-    from holons.finetune.segment import finetune_segment
+    from holons import finetune
 
-    run = finetune_classify if args.task == "classify" else finetune_segment
+    run = finetune.classify if args.task == "classify" else finetune.segment
     result = run(args.config, data=args.data, out=args.out, overrides=args.overrides, resume=args.resume,
                  overwrite=args.overwrite)
     shown = {k: v for k, v in result.metrics.items() if k in ("val", "val_dice", "n_train", "n_val")}
@@ -68,7 +67,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import sys
 
-    from holons.finetune.predict import predict
+    from holons.finetune.prediction import predict
 
     result = predict(args.model, args.images, out=args.out, batch_size=args.batch_size, device=args.device,
                      threshold=args.threshold, report=lambda line: print(line, file=sys.stderr))

@@ -11,7 +11,7 @@ with at least one example of every class where the split has one):
   exp(sim / T) with T = 0.07 (as in DINO's kNN evaluation);
 - ``linear``: scikit-learn logistic regression on standardized pooled embeddings;
 - ``finetune``: the backbone plus a linear head trained end to end for a few steps
-  (``holons.finetune.classify.train_classifier``).
+  (``holons.finetune.classifier.train_classifier``).
 
 Metrics per task: AUC with a seeded bootstrap 95 % interval over test images; accuracy and
 macro-F1 for single-label sets.
@@ -46,7 +46,7 @@ from holons.eval.features import (
     to_input,
 )
 from holons.eval.results import format_table, write_results
-from holons.finetune.classify import class_probabilities, train_classifier
+from holons.finetune.classifier import class_probabilities, train_classifier
 from holons.finetune.inputs import read_canvases
 from holons.finetune.metrics import accuracy, auc_with_ci, macro_f1
 from holons.ssl.backbone import Backbone

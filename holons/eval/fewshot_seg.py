@@ -2,7 +2,7 @@
 
 Protocol: for each shot count N and seed, N support images are drawn (seeded) from the train
 split; a decoder (and, in ``finetune`` mode, the encoder too) is trained on them with
-``holons.finetune.segment.train_segmenter`` (mild random affine augmentation), then Dice per
+``holons.finetune.segmenter.train_segmenter`` (mild random affine augmentation), then Dice per
 structure is measured on the evaluation split (JSRT: train -> val of ``hybridgnet_split``;
 phantoms: train -> test). The structures are the data's own (``masks/<structure>/``). Images and
 masks go through the preprocessing contract (``holons.data.preprocess``, letterbox at ``size``);
@@ -35,7 +35,7 @@ from holons.eval.features import (
 from holons.eval.results import format_table, write_results
 from holons.finetune.heads import STRUCTURE_GROUPS, structure_groups
 from holons.finetune.metrics import dice
-from holons.finetune.segment import DEFAULT_STEPS, MODES, predict_masks, train_segmenter
+from holons.finetune.segmenter import DEFAULT_STEPS, MODES, predict_masks, train_segmenter
 from holons.ssl.backbone import Backbone
 
 __all__ = ["FewShotResult", "evaluate_fewshot_segmentation", "run_fewshot_segmentation", "format_fewshot"]

@@ -131,8 +131,8 @@ def predict(model: str | Path | RadiographModel, images: str | Path, *, out: str
     docstring). ``threshold``: mask probability (default: the one the segmenter was trained with)."""
     import torch
 
-    from holons.finetune.classify import class_probabilities
-    from holons.finetune.segment import predict_probabilities
+    from holons.finetune.classifier import class_probabilities
+    from holons.finetune.segmenter import predict_probabilities
 
     dev = resolve_device(device)
     model = model if isinstance(model, RadiographModel) else load_model(model, dev)

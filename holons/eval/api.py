@@ -1,0 +1,15 @@
+"""The evaluation API, published as ``holons.evaluate``: one function per ``holons evaluate`` protocol.
+
+Each takes weights (an exported foundation folder, a timm name with ``arch``, or ``"random"``), the
+data and an output folder, writes ``OUT/results.json`` (and its tables) and returns the summary.
+"""
+
+from __future__ import annotations
+
+from holons.eval.classify import run_classification as classification
+from holons.eval.correspondence import run_correspondence as correspondence
+from holons.eval.fewshot_seg import run_fewshot_segmentation as fewshot_segmentation
+from holons.eval.localization import run_localization as cam
+from holons.eval.report import compare
+
+__all__ = ["cam", "classification", "compare", "correspondence", "fewshot_segmentation"]
