@@ -87,14 +87,15 @@ def _phantoms(root: Path, table: pd.DataFrame, finding: str) -> WeakLabelSet:
             boxes.append(_heart_box(root / "masks" / "heart" / f"{row.id}.png"))
     paths = [root / p if p else root / "images" / f"{i}.png"
              for p, i in zip(table["image_path"].fillna(""), table["id"], strict=True)]
-    return WeakLabelSet("phantoms", paths, labels, list(ABSENT_PRESENT), table["split"].astype(str).to_numpy(),
-                        boxes)
+    splits = table["split"].astype(str).to_numpy()
+    return WeakLabelSet("phantoms", paths, labels, list(ABSENT_PRESENT), splits, boxes)
 
 
 def _jsrt(root: Path, table: pd.DataFrame) -> WeakLabelSet:
     labels = _flags(table["has_nodule"])
-    boxes = [_circle_box(float(r.nodule_x_1024), float(r.nodule_y_1024), float(r.nodule_size_mm) / JSRT_PIXEL_MM)
-             if label else np.zeros((0, 4)) for r, label in zip(table.itertuples(index=False), labels, strict=True)]
+    boxes = [_circle_box(float(r.nodule_x_1024), float(r.nodule_y_1024),
+                         float(r.nodule_size_mm) / JSRT_PIXEL_MM) if label else np.zeros((0, 4))
+             for r, label in zip(table.itertuples(index=False), labels, strict=True)]
     paths = [root / "images_1024" / f"{i}.png" for i in table["image"]]
     return WeakLabelSet("jsrt", paths, labels, list(ABSENT_PRESENT),
                         table["hybridgnet_split"].astype(str).to_numpy(), boxes)
@@ -103,7 +104,8 @@ def _jsrt(root: Path, table: pd.DataFrame) -> WeakLabelSet:
 def _manifest(path: Path) -> WeakLabelSet:
     table = pd.read_csv(path, dtype={"path": str, "label": str, "split": str})
     if not {"path", "label"} <= set(table.columns) or table.empty:
-        raise HolonsError(f"{path}: a weak-label manifest needs 'path' and 'label' columns and at least one row")
+        raise HolonsError(f"{path}: a weak-label manifest needs 'path' and 'label' columns and "
+                          "at least one row")
     has_boxes = set(_BOX_COLUMNS) <= set(table.columns)
     classes = sorted(table["label"].astype(str).unique())
     images = table.drop_duplicates("path")
@@ -118,7 +120,8 @@ def _manifest(path: Path) -> WeakLabelSet:
         splits.append(str(row["split"]) if "split" in table.columns and pd.notna(row["split"]) else "all")
         found = rows[_BOX_COLUMNS].dropna().to_numpy(dtype=np.float64) if has_boxes else np.zeros((0, 4))
         boxes.append(found.reshape(-1, 4))
-    return WeakLabelSet(path.stem, paths, np.asarray(labels), classes, np.asarray(splits, dtype=object), boxes)
+    return WeakLabelSet(path.stem, paths, np.asarray(labels), classes, np.asarray(splits, dtype=object),
+                        boxes)
 
 
 def load_weak_label_set(root: str | Path, finding: str | None = None) -> WeakLabelSet:

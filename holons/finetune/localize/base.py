@@ -58,16 +58,9 @@ class Localizer(nn.Module):
         if not -len(channels) <= self.feature_stage < 0:
             raise ValueError(f"feature_stage must be within -{len(channels)}..-1 for {backbone.name}, "
                              f"got {feature_stage}")
-        self.channels = int(channels[self.feature_stage]) if self.feature_stage != -1 else self._last_channels()
+        self.channels = int(channels[self.feature_stage])
         stats = input_stats or backbone.recorded_input_stats() or DEFAULT_INPUT_STATS
         self.register_buffer("input_stats", torch.tensor([float(stats[0]), float(stats[1])]))
-
-    def _last_channels(self) -> int:
-        with torch.no_grad():
-            was = self.backbone.training
-            probe = self.backbone.eval().forward_dense(torch.zeros(1, self.backbone.in_chans, 64, 64))
-            self.backbone.train(was)
-        return int(probe.shape[1])
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] canvases to the backbone's input scale."""
@@ -88,7 +81,8 @@ class Localizer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(images)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, *, progress: float) -> tuple[torch.Tensor, LossTerms]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, *,
+             progress: float) -> tuple[torch.Tensor, LossTerms]:
         """The method's training objective on one batch and its named terms (floats, for the log);
         ``progress`` is the share of training done, in [0, 1) (schedules read it)."""
         raise NotImplementedError

@@ -23,7 +23,8 @@ class CAMLocalizer(Localizer):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images).mean(dim=(2, 3)))
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, *, progress: float) -> tuple[torch.Tensor, LossTerms]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, *,
+             progress: float) -> tuple[torch.Tensor, LossTerms]:
         loss = F.cross_entropy(self.logits(images), labels)
         return loss, {"ce": loss.item()}
 

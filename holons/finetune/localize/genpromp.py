@@ -150,7 +150,8 @@ class GenPrompLocalizer(Localizer):
         a = self.alphas_cumprod[t][:, None, None, None]
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, *, progress: float) -> tuple[torch.Tensor, LossTerms]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, *,
+             progress: float) -> tuple[torch.Tensor, LossTerms]:
         ce = F.cross_entropy(self.logits(images), labels)
         x0 = self._clean(images)
         t = torch.randint(0, self.timesteps, (len(images),), device=images.device)
@@ -183,6 +184,7 @@ class GenPrompLocalizer(Localizer):
         return total / (len(layers) * len(self.map_timesteps))
 
     def describe(self) -> dict:
-        return {"denoise_size": self.denoise_size, "prompt_dim": self.prompt_dim, "null_tokens": int(len(self.null)),
+        return {"denoise_size": self.denoise_size, "prompt_dim": self.prompt_dim,
+                "null_tokens": int(len(self.null)),
                 "width": self.width, "timesteps": self.timesteps, "map_timesteps": self.map_timesteps,
                 "denoise_weight": self.denoise_weight, "combine_weight": self.combine_weight}

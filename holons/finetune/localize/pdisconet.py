@@ -118,7 +118,8 @@ class PDiscoNetLocalizer(Localizer):
         if parts < 1 or not 0 <= part_dropout < 1:
             raise ValueError(f"need parts >= 1 and 0 <= part_dropout < 1, got {parts} and {part_dropout}")
         self.parts, self.part_dropout = int(parts), float(part_dropout)
-        self.weights = {"concentration": float(concentration_weight), "orthogonality": float(orthogonality_weight),
+        self.weights = {"concentration": float(concentration_weight),
+                        "orthogonality": float(orthogonality_weight),
                         "equivariance": float(equivariance_weight), "presence": float(presence_weight)}
         self.max_degrees, self.flip = float(max_degrees), bool(flip)
         self.part_conv = nn.Conv2d(self.channels, self.parts + 1, 1)
@@ -133,7 +134,8 @@ class PDiscoNetLocalizer(Localizer):
         feats = self.features(images)
         maps = self.part_conv(feats).softmax(dim=1)
         parts = maps[:, :-1]
-        vectors = torch.einsum("bkhw,bchw->bkc", parts, feats) / parts.sum(dim=(2, 3))[..., None].clamp_min(1e-6)
+        mass = parts.sum(dim=(2, 3))[..., None].clamp_min(1e-6)
+        vectors = torch.einsum("bkhw,bchw->bkc", parts, feats) / mass
         part_logits = self.classifier(vectors * self.modulation)
         keep = torch.ones(part_logits.shape[:2], device=images.device)
         if self.training and self.part_dropout > 0:
@@ -145,7 +147,8 @@ class PDiscoNetLocalizer(Localizer):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self._forward(images)["logits"]
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, *, progress: float) -> tuple[torch.Tensor, LossTerms]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, *,
+             progress: float) -> tuple[torch.Tensor, LossTerms]:
         out = self._forward(images)
         terms = {"ce": F.cross_entropy(out["logits"], labels),
                  "concentration": concentration_loss(out["maps"][:, :-1]),

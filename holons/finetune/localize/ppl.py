@@ -63,12 +63,14 @@ class PPLLocalizer(Localizer):
         return [self.granularities[-1] if progress is None else ppl_granularity(progress, self.granularities)]
 
     def logits(self, images: torch.Tensor, progress: float | None = None) -> torch.Tensor:
-        """Aggregated patch logits at the stage's granularity (inference: the last one; fusion: all, averaged)."""
+        """Aggregated patch logits at the stage's granularity (inference: the last one; fusion: all of
+        them, averaged)."""
         feats = self.features(images)
         return torch.stack([self._aggregate(self.patch_logits(feats, k))
                             for k in self._granularities(progress)]).mean(dim=0)
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, *, progress: float) -> tuple[torch.Tensor, LossTerms]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, *,
+             progress: float) -> tuple[torch.Tensor, LossTerms]:
         feats = self.features(images)
         image_logits, patch_ce = [], []
         for k in self._granularities(progress):

@@ -51,7 +51,8 @@ def crop_boxes(attention: torch.Tensor, mode: str) -> torch.Tensor:
     ys = (torch.arange(h, device=attention.device, dtype=attention.dtype) + 0.5) / h * 2 - 1
     xs = (torch.arange(w, device=attention.device, dtype=attention.dtype) + 0.5) / w * 2 - 1
     if mode == "soft":
-        return torch.stack([(attention.sum(dim=2) * xs).sum(dim=-1), (attention.sum(dim=3) * ys).sum(dim=-1)], -1)
+        return torch.stack([(attention.sum(dim=2) * xs).sum(dim=-1),
+                            (attention.sum(dim=3) * ys).sum(dim=-1)], dim=-1)
     flat = attention.flatten(2).argmax(dim=2)
     return torch.stack([xs[flat % w], ys[flat // w]], dim=-1)
 
@@ -68,7 +69,8 @@ class SGMALocalizer(Localizer):
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         if not 0 < crop_fraction <= 1 or parts < 1:
             raise ValueError(f"need parts >= 1 and 0 < crop_fraction <= 1, got {parts} and {crop_fraction}")
-        self.parts, self.crop_fraction, self.crop, self.part_size = int(parts), float(crop_fraction), crop, part_size
+        self.parts, self.crop_fraction, self.crop = int(parts), float(crop_fraction), crop
+        self.part_size = part_size
         self.embed_dim, self.margin = int(embed_dim), float(margin)
         self.triplet_weight, self.diversity_weight = float(triplet_weight), float(diversity_weight)
         self.attributes_option = attributes
@@ -84,7 +86,8 @@ class SGMALocalizer(Localizer):
             if table.shape[0] != num_classes:
                 raise ValueError(f"attributes has {table.shape[0]} rows for {num_classes} classes")
             self.register_buffer("attributes", table)
-            self.attribute_proj = nn.Sequential(nn.Linear(table.shape[1], 64), nn.ReLU(inplace=True), nn.Linear(64, d))
+            self.attribute_proj = nn.Sequential(nn.Linear(table.shape[1], 64), nn.ReLU(inplace=True),
+                                                nn.Linear(64, d))
             self.logit_scale = nn.Parameter(torch.tensor(10.0))
 
     @staticmethod
@@ -135,7 +138,8 @@ class SGMALocalizer(Localizer):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self._forward(images)["logits"]
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, *, progress: float) -> tuple[torch.Tensor, LossTerms]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, *,
+             progress: float) -> tuple[torch.Tensor, LossTerms]:
         out = self._forward(images)
         ce = F.cross_entropy(out["logits"], labels)
         global_ce = F.cross_entropy(self.global_head(out["pooled"]), labels)
@@ -158,6 +162,7 @@ class SGMALocalizer(Localizer):
 
     def describe(self) -> dict:
         return {"parts": self.parts, "crop_fraction": self.crop_fraction, "crop": self.crop,
-                "part_size": self.part_size, "embed_dim": self.embed_dim, "triplet_weight": self.triplet_weight,
+                "part_size": self.part_size, "embed_dim": self.embed_dim,
+                "triplet_weight": self.triplet_weight,
                 "margin": self.margin, "diversity_weight": self.diversity_weight,
                 "attributes": self.attributes_option}
