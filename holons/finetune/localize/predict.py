@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from holons.data.preprocess import Geometry
 from holons.errors import HolonsError
 from holons.files import atomic_path, atomic_write
+from holons.finetune.karyotype.model_folder import resolve_device
 from holons.finetune.localize.folder import load_localizer
-from holons.finetune.localize.train import resolve_device
 
 __all__ = ["MapPrediction", "box_from_map", "predict_maps", "write_predictions"]
 

@@ -31,6 +31,7 @@ from holons.data.preprocess import Preprocessing
 from holons.data.weak_labels import WeakLabelSet, load_weak_label_set
 from holons.errors import HolonsError
 from holons.files import atomic_write
+from holons.finetune.karyotype.model_folder import resolve_device  # the one device rule on main today
 from holons.finetune.localize import build_localizer
 from holons.finetune.localize.base import Localizer
 from holons.finetune.localize.folder import CONFIG_FILE, WEIGHTS_FILE, save_localizer
@@ -45,7 +46,7 @@ from holons.ssl.checkpoint import (
 from holons.ssl.optim import param_groups, set_lr
 from holons.ssl.schedules import cosine_schedule
 
-__all__ = ["LocalizeConfig", "LocalizeRun", "train_localizer", "read_images", "resolve_device"]
+__all__ = ["LocalizeConfig", "LocalizeRun", "train_localizer", "read_images"]
 
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
@@ -82,16 +83,6 @@ class LocalizeRun:
     out: Path
     metrics: dict[str, Any]
     config: dict[str, Any]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise HolonsError(f"unknown device {name!r}") from e
 
 
 def _start_backbone(cfg: LocalizeConfig) -> tuple[Backbone, str, dict[str, Any], str]:
