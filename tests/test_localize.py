@@ -110,6 +110,25 @@ def test_resume_continues_where_an_interrupted_run_stopped(phantoms, tmp_path, m
     assert again.metrics == resumed.metrics
 
 
+def test_training_starts_from_an_exported_foundation(phantoms, tmp_path):
+    from holons.data.preprocess import Preprocessing
+    from holons.ssl.export import save_foundation, timm_config
+
+    torch.manual_seed(5)
+    backbone = create_backbone("test_resnet")
+    config = timm_config("test_resnet", backbone.embed_dim, in_chans=1, input_size=32, mean=0.4, std=0.2,
+                         preprocessing=Preprocessing(size=32, voi="minmax"))
+    foundation = save_foundation(backbone.model, tmp_path / "export", config)
+    run = train_localizer(_tiny("cam", init=str(foundation), lr=0.0), data=phantoms, out=tmp_path / "run")
+    meta = json.loads((run.out / "config.json").read_text())
+    assert meta["architecture"] == "test_resnet" and meta["input_stats"] == pytest.approx([0.4, 0.2])
+    assert meta["preprocessing"]["voi"] == "minmax"  # read like the foundation's images
+    trained = dict(load_localizer(run.out).module.backbone.named_parameters())
+    assert all(torch.equal(v, trained[k]) for k, v in backbone.named_parameters())  # lr 0: kept
+    with pytest.raises(HolonsError, match="steps"):
+        train_localizer(_tiny("cam", steps=0), data=phantoms, out=tmp_path / "none")
+
+
 def test_bad_method_options_and_init_are_user_errors(phantoms, tmp_path):
     backbone = create_backbone("test_resnet")
     with pytest.raises(ConfigError, match="unknown localization method"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +171,12 @@ def train_localizer(config: LocalizeConfig | str | Path | dict | None = None, *,
     """Train ``config.method`` on the labelled images at ``data`` (phantoms, JSRT or a manifest, see
     ``holons.data.weak_labels``) and write the model folder ``out``."""
     cfg = resolve_config(LocalizeConfig, config, overrides)
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise HolonsError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
     out = Path(out)
     if _prepare_out(out, resume=resume, overwrite=overwrite):
         return LocalizeRun(out, json.loads((out / METRICS_FILE).read_text()), to_dict(cfg))
-    show = bool(progress) if progress is not None else False
+    show = sys.stderr.isatty() if progress is None else bool(progress)
 
     def log(line: str) -> None:
         with open(out / LOG_FILE, "a") as f:
