@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from holons.cli.localize import add_evaluate_localize
+
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluation protocols: correspondence, few-shot segmentation, "
                        "classification, CAM localization")
     ss = p.add_subparsers(dest="protocol", required=True)
+    add_evaluate_localize(ss)
 
     def common(q: argparse.ArgumentParser, data_help: str) -> None:
         q.add_argument("--weights", required=True,

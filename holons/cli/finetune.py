@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from holons.cli.localize import add_finetune_localize
+
 _TASKS = {
     "classify": ("a classifier for the classes (or 0/1 findings) of a manifest CSV, the phantoms or "
                  "the covid set", "manifest CSV (path + label, or path + one 0/1 column per finding; "
@@ -20,6 +22,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a radiograph classifier or segmenter from a foundation "
                        "folder, a timm model or random weights; writes a model folder for `holons predict`")
     tasks = p.add_subparsers(dest="task", required=True)
+    add_finetune_localize(tasks)
     for task, (what, data_help, config) in _TASKS.items():
         t = tasks.add_parser(task, help=what)
         t.add_argument("--config", type=Path, default=None,

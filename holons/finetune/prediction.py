@@ -12,6 +12,7 @@ Unreadable files are reported (one line each) and skipped; ``skipped.csv`` lists
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,11 @@ from tqdm.auto import tqdm
 from holons.data.formats import detect_format
 from holons.data.image import describe_error
 from holons.data.preprocess import Geometry
+from holons.data.readers import read_image
 from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.inputs import READ_ERRORS
-from holons.finetune.model_folder import RadiographModel, load_model
+from holons.finetune.model_folder import CONFIG_FILE, RadiographModel, load_model
 from holons.runs import progress_enabled, resolve_device
 
 __all__ = ["PredictResult", "list_images", "predict"]
@@ -134,6 +136,9 @@ def predict(model: str | Path | RadiographModel, images: str | Path, *, out: str
     from holons.finetune.classifier import class_probabilities
     from holons.finetune.segmenter import predict_probabilities
 
+    if not isinstance(model, RadiographModel) and _is_localizer(model):
+        return _predict_localizer(model, images, out=out, batch_size=batch_size, device=device,
+                                  progress=progress, report=report)
     dev = resolve_device(device)
     model = model if isinstance(model, RadiographModel) else load_model(model, dev)
     model.module.to(dev)
@@ -190,6 +195,34 @@ def predict(model: str | Path | RadiographModel, images: str | Path, *, out: str
             writer.writerow(["path", "reason"])
             writer.writerows(skipped)
     return PredictResult(out=out, table=table, predicted=len(rows), skipped=skipped)
+
+
+def _is_localizer(folder: str | Path) -> bool:
+    config = Path(folder) / CONFIG_FILE
+    return config.is_file() and json.loads(config.read_text()).get("task") == "localize"
+
+
+def _predict_localizer(folder: str | Path, images: str | Path, *, out: str | Path, batch_size: int,
+                       device: str | None, progress: bool | None,
+                       report: Callable[[str], None] | None) -> PredictResult:
+    """A weakly supervised localizer (``holons finetune localize``): ``boxes.csv`` and one map PNG per
+    image in the source geometry (``holons.finetune.localize.predict``); unreadable files skipped."""
+    from holons.finetune.localize.predict import predict_maps, write_predictions
+
+    readable, skipped = [], []
+    for path in list_images(images):
+        try:
+            read_image(path)
+        except READ_ERRORS as e:
+            skipped.append((str(path), describe_error(e)))
+            if report is not None:
+                report(f"skipped {path}: {skipped[-1][1]}")
+            continue
+        readable.append(path)
+    prediction = predict_maps(folder, readable, batch_size=batch_size, device=device or "auto",
+                              progress=progress_enabled(progress))
+    table = write_predictions(prediction, out)
+    return PredictResult(out=Path(out), table=table, predicted=len(prediction.names), skipped=skipped)
 
 
 def _segment_row(out: Path, path: Path, name: str, probabilities: np.ndarray, geometry: Geometry,
