@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from holons.cli import data, demo, evaluate, karyotype, pretrain
+from holons.cli import data, demo, distill, evaluate, karyotype, pretrain
 from holons.errors import HolonsError
 
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the demo runs its steps through this same entry point (passed down, so cli.demo need not import it)
     parser.set_defaults(run_command=main)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, demo, pretrain, karyotype, evaluate):
+    for module in (data, demo, pretrain, karyotype, evaluate, distill):
         module.register(sub)
     return parser
 
