@@ -182,7 +182,8 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
     manifest = write_distilled(distilled, labels.cpu(), real.class_names, real.kind, out / DISTILLED_DIR)
     summary = {
         "kind": real.kind, "classes": real.class_names, "ipc": m.ipc, "method": m.method, "fyi": m.fyi,
-        "iterations": m.iterations, "mean_abs_change_from_init": round(change, 5), "train_images": len(real.train_x), "test_images": len(real.test_x),
+        "iterations": m.iterations, "mean_abs_change_from_init": round(change, 5),
+        "train_images": len(real.train_x), "test_images": len(real.test_x),
         "real_set": real.info, "loss": _loss_summary(out / "metrics.jsonl"),
         "distill_seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg),
     }
