@@ -70,7 +70,8 @@ def main() -> int:
         "date": datetime.date.today().isoformat(),
         "command": "OMP_NUM_THREADS=1 python " + shlex.join(sys.argv),
         "data": str(manifest), "train_chromosomes": len(real.train_x), "test_chromosomes": len(real.test_x),
-        "split": "karyotyping's fixed slide-disjoint split (test 0.2 / val 0.1 of the slides, seed 0; val unused)",
+        "split": "karyotyping's fixed slide-disjoint split (test 0.2 / val 0.1 of the slides, seed 0; "
+                 "val unused)",
         "seeds": args.seeds, "ipc": args.ipc, "size": args.size, "convnet_width": args.width,
         "iterations": args.iterations, "real_batch_per_class": args.real_batch, "eval_steps": args.eval_steps,
         "arms": arms, "distill_seconds": {k: v["distill_seconds"] for k, v in runs.items()},

@@ -148,7 +148,8 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
         start = int(state["iteration"])
         _truncate_log(out / "metrics.jsonl", start)
     loss_fn = dm_loss if m.method == "dm" else gm_loss
-    net, t0 = None, time.perf_counter()
+    net = _gm_net_at(cfg, real, device, start) if m.method == "gm" and start % m.gm_inner_steps else None
+    t0 = time.perf_counter()
     with StopSignal() as stop, open(out / "metrics.jsonl", "a") as log:
         bar = tqdm(range(start, m.iterations), desc=f"distill ({m.method}{', fyi' if m.fyi else ''})",
                    initial=start, total=m.iterations, disable=not progress)
@@ -199,6 +200,21 @@ def _fresh_net(cfg: DistillConfig, real: RealSet, device: torch.device, iteratio
     if cfg.match.method == "dm":
         for p in net.parameters():
             p.requires_grad_(False)
+    return net
+
+
+def _gm_net_at(cfg: DistillConfig, real: RealSet, device: torch.device, iteration: int) -> ConvNet:
+    """Gradient matching's network as it stood before ``iteration``: rebuilt at the start of its cycle
+    and trained on the same real batches again (it never sees the synthetic images), so a resumed run
+    matches with the network an uninterrupted one would have."""
+    first = iteration - iteration % cfg.match.gm_inner_steps
+    for it in range(first, iteration):
+        torch.manual_seed(_iteration_seed(cfg.match.seed, it))
+        gen = torch.Generator().manual_seed(_iteration_seed(cfg.match.seed, it) + 1)
+        if it == first:
+            net = _fresh_net(cfg, real, device, it)
+        x, y = real_batch(real, cfg.match.real_batch, gen)
+        _train_step(net, x.to(device), y.to(device))
     return net
 
 

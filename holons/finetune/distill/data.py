@@ -165,7 +165,7 @@ def _classification_set(cfg: DistillDataConfig, data: Path, progress: bool) -> R
         raise HolonsError(f"{data}: distillation needs at least two classes, found {class_names}")
     x = torch.from_numpy(np.stack(images))[:, None]
     y = torch.tensor([class_names.index(v) for v in rows["label"]], dtype=torch.long)
-    train = torch.from_numpy((rows["split"] == "train").to_numpy())
+    train = torch.tensor((rows["split"] == "train").to_numpy())
     return RealSet(CLASSIFICATION, class_names, x[train], y[train], x[~train], y[~train],
                    {"preprocessing": prep.to_dict(), "unreadable": unreadable})
 
