@@ -38,6 +38,7 @@ def main() -> int:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--real-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1.0, help="learning rate of the synthetic images (match.lr)")
     p.add_argument("--eval-steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
@@ -50,7 +51,7 @@ def main() -> int:
     base = {"data": {"kind": "karyotype", "size": args.size, "stain": "gband"},
             "net": {"width": args.width},
             "match": {"ipc": args.ipc, "iterations": args.iterations, "real_batch": args.real_batch,
-                      "checkpoint_every": 50},
+                      "lr": args.lr, "checkpoint_every": 50},
             "evaluate": {"seeds": args.seeds, "steps": args.eval_steps, "batch_size": 128},
             "device": "cpu"}
     t0 = time.perf_counter()
@@ -73,7 +74,8 @@ def main() -> int:
         "split": "karyotyping's fixed slide-disjoint split (test 0.2 / val 0.1 of the slides, seed 0; "
                  "val unused)",
         "seeds": args.seeds, "ipc": args.ipc, "size": args.size, "convnet_width": args.width,
-        "iterations": args.iterations, "real_batch_per_class": args.real_batch, "eval_steps": args.eval_steps,
+        "iterations": args.iterations, "image_lr": args.lr, "real_batch_per_class": args.real_batch,
+        "eval_steps": args.eval_steps,
         "arms": arms, "distill_seconds": {k: v["distill_seconds"] for k, v in runs.items()},
         "mean_abs_change_from_init": {k: v["mean_abs_change_from_init"] for k, v in runs.items()},
         "read_seconds": round(read_s, 1), "total_seconds": round(time.perf_counter() - t0, 1),
