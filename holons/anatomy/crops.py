@@ -4,7 +4,9 @@ Boxes are ``(x0, y0, x1, y1)`` in continuous image coordinates: pixel ``i`` cove
 so the full ``H x W`` image is ``(0, 0, W, H)``. Box tensors are ``(B, 4)`` or ``(B, V, 4)``.
 
 A view is a box, an optional rotation about its centre and an optional horizontal flip,
-resampled to ``size x size`` with bilinear interpolation. All views of one group are read with a
+resampled to ``size x size`` with bilinear interpolation. Flip policy: nothing here decides to
+flip; a view is mirrored only where the caller passes ``flips`` (the view generator does so only
+with ``ViewConfig.hflip``, off by default for radiographs). All views of one group are read with a
 single ``grid_sample`` call over the whole batch (the views are stacked along the grid's rows), so
 the input batch is never copied per view.
 """

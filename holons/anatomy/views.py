@@ -38,10 +38,12 @@ Mode = Literal["part_whole", "localizability"]
 class ViewConfig:
     """How views are cut from a batch (defaults: the paper's recipe at 224 / 96 px).
 
-    ``hflip`` is off by default: chest anatomy is not left-right symmetric (heart, aortic knob,
-    gastric bubble), so a mirrored radiograph is not a plausible image of the same anatomy and
-    would teach the model that left and right are interchangeable. When on, each student crop is
-    mirrored with probability ``hflip_prob`` (the whole and the parts never are).
+    Flip policy: ``hflip`` is off by default (and in every shipped pretraining config): chest
+    anatomy is not left-right symmetric (heart, aortic knob, gastric bubble), so a mirrored
+    radiograph is not a plausible image of the same anatomy and would teach the model that left
+    and right are interchangeable (``holons evaluate laterality`` measures what a model keeps).
+    When on, each student crop is mirrored with probability ``hflip_prob`` (the whole and the
+    parts never are).
     """
 
     global_size: int = 224

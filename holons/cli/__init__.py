@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from holons.cli import data, demo, evaluate, finetune, karyotype, pretrain, study
+from holons.cli import data, demo, distill, evaluate, finetune, karyotype, pretrain, study
 from holons.errors import HolonsError
 
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the demo runs its steps through this same entry point (passed down, so cli.demo need not import it)
     parser.set_defaults(run_command=main)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, demo, pretrain, finetune, karyotype, evaluate, study):
+    for module in (data, demo, pretrain, finetune, karyotype, distill, evaluate, study):
         module.register(sub)
     return parser
 

@@ -10,7 +10,7 @@ from holons.cli.localize import add_evaluate_localize
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluation protocols: correspondence, few-shot segmentation, "
-                       "classification, CAM localization")
+                       "classification, CAM localization, laterality")
     ss = p.add_subparsers(dest="protocol", required=True)
     add_evaluate_localize(ss)
 
@@ -81,6 +81,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--size", type=int, default=256, help="image side in pixels")
     g.add_argument("--seed", type=int, default=0, help="seeds a random init (the probe is deterministic)")
     g.set_defaults(func=_cmd_evaluate_cam)
+
+    lat = ss.add_parser("laterality", help="linear probe on frozen features: a radiograph vs its mirror "
+                        "image (accuracy, AUC with CI)")
+    common(lat, "annotated set (phantoms, JSRT), a metadata.csv set, or any folder of images")
+    lat.add_argument("--size", type=int, default=None,
+                     help="image side in pixels (default: the foundation's recorded size, else 224)")
+    lat.add_argument("--seed", type=int, default=0,
+                     help="seed of the split by patient, the probe and the bootstrap")
+    lat.add_argument("--test-fraction", type=float, default=0.3,
+                     help="share of patients held out for testing")
+    lat.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUC interval")
+    lat.set_defaults(func=_cmd_evaluate_laterality)
 
     m = ss.add_parser("compare", help="several weight sets side by side (random init always): "
                       "correspondence, few-shot segmentation [, classification, CAM] over seeds -> report")
@@ -198,6 +210,18 @@ def _cmd_evaluate_cam(args: argparse.Namespace) -> int:
     print(format_localization(summary))
     print(f"{summary['n_train']} train / {summary['n_test']} test images in {summary['elapsed_s']:.0f} s; "
           f"results in {args.out / 'results.json'}")
+    return 0
+
+
+def _cmd_evaluate_laterality(args: argparse.Namespace) -> int:
+    from holons.eval.laterality import format_laterality, run_laterality
+
+    summary = run_laterality(args.weights, args.data, args.out, arch=args.arch, size=args.size,
+                             seed=args.seed, test_fraction=args.test_fraction, n_boot=args.n_boot,
+                             device=args.device)
+    print(format_laterality(summary))
+    print(f"{summary['n_train_images']} train / {summary['n_test_images']} test images (each with its "
+          f"mirror) in {summary['elapsed_s']:.0f} s; results in {args.out / 'results.json'}")
     return 0
 
 

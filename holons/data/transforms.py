@@ -2,7 +2,9 @@
 
 ``LoadRadiograph`` maps a path to a channel-first float32 array: 1 x H x W (1 x F x H x W with
 ``frame="all"``: frames as a depth axis). ``LoadRadiographd`` does the same for dictionary keys
-and stores each image's meta under ``f"{key}_meta"``. In transform output, missing meta values
+and stores each image's meta under ``f"{key}_meta"``.
+Flip policy: these transforms only read; they never mirror an image (radiographs have laterality,
+see ``holons.anatomy.views.ViewConfig.hflip``). In transform output, missing meta values
 are NaN (not None) and a missing pixel spacing is (NaN, NaN), so batches collate in a DataLoader.
 """
 

@@ -253,7 +253,11 @@ def flip_vertical(images: torch.Tensor, polarity: torch.Tensor, mask: torch.Tens
 def random_flips(images: torch.Tensor, polarity: torch.Tensor, generator: torch.Generator,
                  hflip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Vertical flip with p = 1/2 (polarity swapped) and, with ``hflip``, a horizontal flip with
-    p = 1/2 (labels kept): the augmentation that teaches polarity from upright data."""
+    p = 1/2 (labels kept): the augmentation that teaches polarity from upright data.
+
+    Flip policy: chromosomes have no laterality (a mirrored chromosome is the same type with the same
+    polarity), so training mirrors them by default (``train.hflip: true``); the vertical flip is a
+    label change, not an invariance."""
     u = torch.rand(images.shape[0], 2, generator=generator).to(images.device)
     images, polarity = flip_vertical(images, polarity, u[:, 0] < 0.5)
     if hflip:

@@ -35,7 +35,11 @@ class FeaturePrediction(NamedTuple):
 
 def _views(x: torch.Tensor, hflip: bool, vflip: bool) -> list[tuple[torch.Tensor, bool]]:
     """The test-time views of a batch: ``(images, upside_down)``; the image itself, its mirror
-    image (``hflip``) and, with ``vflip``, each of those upside down."""
+    image (``hflip``) and, with ``vflip``, each of those upside down.
+
+    Flip policy: both test-time flips are off unless the model's config turns them on
+    (``train.test_time_hflip`` / ``test_time_vflip``); the mirror is kept only where it measures
+    better (some shipped configs turn it on, with the measurement in their comments)."""
     views = [(x, False)] + ([(x.flip(-1), False)] if hflip else [])
     if vflip:  # upside down: the same type, the opposite polarity
         views += [(v.flip(-2), True) for v, _ in views]

@@ -1,0 +1,125 @@
+"""Typed configuration of a distillation run (defaults < YAML < ``key.sub=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from holons.errors import ConfigError
+
+DataKind = Literal["auto", "karyotype", "classification"]
+Method = Literal["dm", "gm"]
+Init = Literal["real", "noise"]
+
+
+@dataclass
+class DistillDataConfig:
+    """The real set and how its images become ``size x size`` inputs.
+
+    ``kind``: ``karyotype`` (a chromosome manifest: pki-3, karyonet or ``holons synth karyotypes``;
+    24 types; crops cut, centred on the canvas and resized exactly as ``holons karyotype train``
+    does, split by slide with karyotyping's fixed split: ``test_fraction``, ``val_fraction``,
+    ``split_seed`` have its defaults), ``classification`` (an ``image_table.csv`` set: phantoms'
+    ``nodule`` or JSRT's ``has_nodule`` unless ``label`` names another column; or a ``path,label``
+    CSV), ``auto``: decided from the data. ``stain`` and ``canvas`` as in karyotyping.
+    ``max_train_cases`` (karyotype; 0: all) keeps a seeded subset of the training cells, for CPU
+    runs; the test split stays whole. Radiographs go through the one preprocessing contract
+    (``holons.data.preprocess.Preprocessing``: ``resize``, ``voi``).
+    """
+
+    kind: DataKind = "auto"
+    size: int = 32
+    stain: str = "auto"
+    canvas: int = 0
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    max_train_cases: int = 0
+    label: str = ""
+    resize: str = "letterbox"
+    voi: str = "window"
+
+    def __post_init__(self) -> None:
+        if self.size < 16 or self.size % 8:
+            raise ConfigError(f"data.size must be a multiple of 8 and >= 16, got {self.size}")
+
+
+@dataclass
+class DistillNetConfig:
+    """The ConvNet-3 (conv 3x3 - instance norm - ReLU - average pool 2, ``depth`` times, ``width``
+    channels) used both to match and to evaluate."""
+
+    width: int = 128
+    depth: int = 3
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 1:
+            raise ConfigError("net.width and net.depth must be >= 1")
+
+
+@dataclass
+class DistillMatchConfig:
+    """How the synthetic set is learned.
+
+    ``method``: ``dm`` (distribution matching: per class, the mean embedding of a real batch and of
+    the class's synthetic images under a freshly initialised ConvNet, every iteration) or ``gm``
+    (gradient matching: the cross-entropy gradients of the real and synthetic batch under a fresh
+    ConvNet that is trained on real data for ``gm_inner_steps`` between matchings). ``ipc``:
+    synthetic images per class; ``init``: ``real`` (random real images of the class, seeded) or
+    ``noise``. ``fyi``: FYI's flip (see :mod:`~holons.finetune.distill.matching`). ``iterations``
+    optimizer steps on the images (SGD, ``lr``, momentum 0.5); ``real_batch`` real images per class
+    and iteration; a checkpoint every ``checkpoint_every`` iterations (and at the end).
+    """
+
+    method: Method = "dm"
+    ipc: int = 10
+    init: Init = "real"
+    fyi: bool = False
+    iterations: int = 1000
+    lr: float = 1.0
+    real_batch: int = 64
+    gm_inner_steps: int = 5
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ipc < 1 or self.iterations < 0 or self.real_batch < 1 or self.checkpoint_every < 1:
+            raise ConfigError("match.ipc, match.real_batch and match.checkpoint_every must be >= 1, "
+                              "match.iterations >= 0")
+
+
+@dataclass
+class DistillEvalConfig:
+    """The evaluation after distilling: a fresh ConvNet trained (``steps`` SGD steps, batch
+    ``batch_size``, ``lr`` with momentum 0.9, halved learning rate for the second half) on each arm
+    and tested on the held-out split, once per seed; mean +- sd over seeds.
+
+    ``arms``: ``distilled``, ``random`` (the same number of random real images per class, drawn per
+    seed) and ``full`` (all training images). ``hflip``: mirror training images with p = 1/2
+    (``auto``: on for chromosomes, whose type a mirror keeps; off for radiographs, which have
+    laterality). Empty ``seeds``: no evaluation.
+    """
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: ["distilled", "random"])
+    steps: int = 300
+    batch_size: int = 256
+    lr: float = 0.01
+    hflip: Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.arms) - {"distilled", "random", "full"}
+        if unknown:
+            raise ConfigError(f"evaluate.arms: unknown {sorted(unknown)}; choose from distilled, random, "
+                              "full")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("evaluate.steps and evaluate.batch_size must be >= 1")
+
+
+@dataclass
+class DistillConfig:
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    net: DistillNetConfig = field(default_factory=DistillNetConfig)
+    match: DistillMatchConfig = field(default_factory=DistillMatchConfig)
+    evaluate: DistillEvalConfig = field(default_factory=DistillEvalConfig)
+    device: str = "auto"

@@ -1,0 +1,145 @@
+"""Dataset distillation on tiny data: the distilled set is written and read back by the karyotype
+reader, FYI's mirror enters the matching, DM's loss falls, resume continues exactly, CLI and API run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pandas as pd
+import pytest
+import torch
+
+from holons.cli import main
+from holons.errors import HolonsError
+from holons.finetune.distill import api
+from holons.finetune.distill.convnet import ConvNet
+from holons.finetune.distill.matching import dm_loss, gm_loss, matching_views, mirror_by_halves
+from holons.finetune.karyotype.data import KaryotypeDataset, read_crops, read_karyotype_manifest
+from holons.finetune.karyotype.preprocess import Preprocessing
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"data": {"size": 16, "test_fraction": 0.34, "val_fraction": 0.0}, "net": {"width": 8},
+        "match": {"ipc": 2, "iterations": 4, "real_batch": 4, "checkpoint_every": 2},
+        "evaluate": {"seeds": [0], "steps": 3, "batch_size": 32}, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def karyotypes(tmp_path_factory):
+    from holons.data.synthetic.karyotypes import generate_karyotypes
+
+    return generate_karyotypes(tmp_path_factory.mktemp("kt"), cases=3, seed=0, abnormal_rate=0.0, workers=1,
+                               progress=False)
+
+
+def test_distilled_chromosomes_are_read_back_by_the_karyotype_reader(karyotypes, tmp_path):
+    result = api.distill(TINY, data=karyotypes, out=tmp_path / "run", progress=False)
+    table, skipped = read_karyotype_manifest(result.manifest)
+    assert not skipped and len(table) == 24 * 2
+    assert sorted(table["label"].value_counts().to_dict().items()) == [(k, 2) for k in range(24)]
+    assert set(table["polarity"]) == {-1}  # a learned image has no known polarity
+    crops = read_crops(table, "gband")
+    assert len(crops.crops) == 48 and not crops.skipped
+    ds = KaryotypeDataset(crops, preprocessing=Preprocessing(stain="gband", canvas=16), size=16)
+    assert ds.images.shape == (48, 1, 16, 16)
+    summary = json.loads((tmp_path / "run" / api.SUMMARY_FILE).read_text())
+    assert summary["kind"] == "karyotype" and summary["ipc"] == 2 and len(summary["classes"]) == 24
+    assert set(summary["evaluation"]["arms"]) == {"distilled", "random"}
+    assert 24 <= summary["evaluation"]["arms"]["random"]["train_images"] <= 48  # a rare type may have one
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    with pytest.raises(HolonsError, match="not empty"):
+        api.distill(TINY, data=karyotypes, out=tmp_path / "run", progress=False)
+
+
+def test_fyi_matches_each_image_and_its_mirror():
+    x = torch.arange(2 * 1 * 3 * 5, dtype=torch.float32).reshape(2, 1, 3, 5)
+    assert torch.equal(mirror_by_halves(x), x.flip(-1))
+    views, labels = matching_views(x, torch.tensor([0, 1]), fyi=True)
+    assert views.shape[0] == 4 and labels.tolist() == [0, 1, 0, 1]
+    torch.manual_seed(0)
+    net = ConvNet(2, size=16, width=4)
+    syn = torch.rand(2, 1, 16, 16)
+    y = torch.tensor([0, 1])
+    # the real batch is the synthetic images and their mirrors: matched exactly only when the mirror
+    # enters the loss
+    real, real_y = torch.cat([syn, syn.flip(-1)]), torch.cat([y, y])
+    assert dm_loss(net, real, real_y, syn, y, 2, fyi=True) < 1e-8
+    assert dm_loss(net, real, real_y, syn, y, 2, fyi=False) > 1e-4
+    # the gradient reaches the synthetic image through its mirror as well
+    s = syn.clone().requires_grad_(True)
+    dm_loss(net, syn.flip(-1), y, s, y, 2, fyi=True).backward()
+    assert s.grad.abs().sum() > 0
+
+
+def test_dm_loss_decreases_under_a_fixed_network():
+    torch.manual_seed(0)
+    net = ConvNet(3, size=16, width=8)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    real = torch.rand(12, 1, 16, 16) * torch.linspace(0, 1, 16)  # a left-to-right ramp per class
+    real_y = torch.arange(3).repeat_interleave(4)
+    syn = torch.rand(3, 1, 16, 16, requires_grad=True)
+    opt = torch.optim.SGD([syn], lr=1.0, momentum=0.5)
+    losses = []
+    for _ in range(15):
+        loss = dm_loss(net, real, real_y, syn, torch.arange(3), 3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gradient_matching_is_differentiable_in_the_images():
+    torch.manual_seed(0)
+    net = ConvNet(2, size=16, width=4)
+    syn = torch.rand(2, 1, 16, 16, requires_grad=True)
+    real, real_y = torch.rand(6, 1, 16, 16), torch.tensor([0, 1] * 3)
+    loss = gm_loss(net, real, real_y, syn, torch.tensor([0, 1]), 2, fyi=True)
+    loss.backward()
+    assert torch.isfinite(loss) and syn.grad.abs().sum() > 0
+
+
+def test_interrupted_run_resumes_exactly(karyotypes, tmp_path, monkeypatch):
+    cfg = {**TINY, "match": {**TINY["match"], "iterations": 5, "method": "gm", "gm_inner_steps": 2},
+           "evaluate": {"seeds": []}}
+    api.distill(cfg, data=karyotypes, out=tmp_path / "whole", progress=False)
+    fresh = api._fresh_net
+
+    def stop_at_two(cfg_, real, device, iteration):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop checkpoints at the next iteration and stops
+        return fresh(cfg_, real, device, iteration)
+
+    monkeypatch.setattr(api, "_fresh_net", stop_at_two)
+    with pytest.raises(api.DistillInterrupted):
+        api.distill(cfg, data=karyotypes, out=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(api, "_fresh_net", fresh)
+    assert torch.load(tmp_path / "cut" / api.CHECKPOINT, weights_only=True)["iteration"] == 3
+    api.distill(cfg, data=karyotypes, out=tmp_path / "cut", resume=True, progress=False)
+    whole = torch.load(tmp_path / "whole" / api.CHECKPOINT, weights_only=True)["syn"]
+    assert torch.equal(whole, torch.load(tmp_path / "cut" / api.CHECKPOINT, weights_only=True)["syn"])
+    with pytest.raises(HolonsError, match="config differs"):
+        api.distill({**cfg, "net": {"width": 4}}, data=karyotypes, out=tmp_path / "cut", resume=True)
+
+
+def test_cli_distills_radiograph_findings_to_a_path_label_manifest(tmp_path, capsys):
+    from holons.data.synthetic.radiographs import generate_radiographs
+
+    root = tmp_path / "ph"
+    generate_radiographs(root, n=18, seed=0, size=32, formats=("png",), findings_rate=0.5, workers=1,
+                         progress=False)
+    out = tmp_path / "run"
+    rc = main(["distill", "--data", str(root), "--out", str(out), "--ipc", "1", "--iterations", "2", "--fyi",
+               "data.size=16", "net.width=4", "evaluate.steps=2", "device=cpu", "--eval-seeds", "0"])
+    assert rc == 0
+    manifest = pd.read_csv(out / "distilled" / "manifest.csv", dtype=str)
+    assert list(manifest.columns) == ["path", "label"] and sorted(manifest["label"]) == ["0", "1"]
+    assert all((out / "distilled" / p).is_file() for p in manifest["path"])
+    summary = json.loads((out / api.SUMMARY_FILE).read_text())
+    assert summary["kind"] == "classification" and summary["fyi"] is True
+    assert summary["evaluation"]["hflip"] is False  # radiographs keep their laterality
+    assert "distilled: test accuracy" in capsys.readouterr().out
+    assert main(["distill", "--data", str(root), "--out", str(out)]) == 2
