@@ -72,7 +72,9 @@ def phantom_figure(out_png: str | Path, size: int = 320) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
 
-    from holons.data.synthetic.radiographs import STRUCTURES, render_phantom, sample_patient, vary_acquisition
+    from holons.data.synthetic.chest_anatomy import sample_patient, vary_acquisition
+    from holons.data.synthetic.chest_params import STRUCTURES
+    from holons.data.synthetic.chest_render import render_phantom
 
     colours = {"right_lung": "tab:red", "left_lung": "tab:blue", "heart": "tab:green",
                "right_clavicle": "gold", "left_clavicle": "tab:purple"}

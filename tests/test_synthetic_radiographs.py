@@ -13,16 +13,16 @@ import pytest
 from PIL import Image
 
 from holons.cli import main
-from holons.data.synthetic.radiographs import (
+from holons.data.synthetic.chest_params import (
     LANDMARK_COUNTS,
     LANDMARK_KEYS,
     STRUCTURES,
     Nodule,
     PhantomParams,
     SynthError,
-    generate_radiographs,
-    render_phantom,
 )
+from holons.data.synthetic.chest_render import render_phantom
+from holons.data.synthetic.radiographs import generate_radiographs
 
 SIZE = 128
 N = 12
