@@ -18,7 +18,8 @@ def karyotype_figure(out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from holons.data.synthetic.karyotypes import karyogram, parse_karyotype, render_cell, render_chromosome
+    from holons.data.synthetic.chromosomes import render_chromosome
+    from holons.data.synthetic.karyotypes import karyogram, parse_karyotype, render_cell
 
     rng = np.random.default_rng(21)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.55]})

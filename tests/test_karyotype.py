@@ -13,7 +13,8 @@ import torch
 
 from holons.cli import main as cli_main
 from holons.config import load_config
-from holons.data.synthetic.karyotypes import generate_karyotypes, render_chromosome
+from holons.data.synthetic.chromosomes import render_chromosome
+from holons.data.synthetic.karyotypes import generate_karyotypes
 from holons.errors import ConfigError, HolonsError
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
