@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from holons.data.cache import build_cache
 from holons.data.dataset import CachedImageDataset
-from holons.data.index import index_archive, read_manifest
+from holons.data.index import index_archive
+from holons.data.manifest import read_manifest
 from holons.data.preprocess import Preprocessing
 from holons.data.readers import read_image
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     r = results
     r["varifocal_vs_g_only"] = r["varifocal_chromosomes_per_s"] / r["g_only_chromosomes_per_s"]
 
-    from holons.data.synthetic.karyotypes import render_chromosome
+    from holons.data.synthetic.chromosomes import render_chromosome
 
     rng = np.random.default_rng(args.seed)
     raw = [render_chromosome(rng, k) / 255.0 for k in range(1, 25)]

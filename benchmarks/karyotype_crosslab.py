@@ -28,7 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from holons.config import load_config
-from holons.data.synthetic.karyotypes import LAB_STYLES, generate_karyotypes
+from holons.data.synthetic.karyotypes import generate_karyotypes
+from holons.data.synthetic.lab_styles import LAB_STYLES
 from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.karyotype.config import KaryotypeConfig

@@ -18,7 +18,8 @@ def karyotype_figure(out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from holons.data.synthetic.karyotypes import karyogram, parse_karyotype, render_cell, render_chromosome
+    from holons.data.synthetic.chromosomes import render_chromosome
+    from holons.data.synthetic.karyotypes import karyogram, parse_karyotype, render_cell
 
     rng = np.random.default_rng(21)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.55]})
@@ -72,7 +73,9 @@ def phantom_figure(out_png: str | Path, size: int = 320) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
 
-    from holons.data.synthetic.radiographs import STRUCTURES, render_phantom, sample_patient, vary_acquisition
+    from holons.data.synthetic.chest_anatomy import sample_patient, vary_acquisition
+    from holons.data.synthetic.chest_params import STRUCTURES
+    from holons.data.synthetic.chest_render import render_phantom
 
     colours = {"right_lung": "tab:red", "left_lung": "tab:blue", "heart": "tab:green",
                "right_clavicle": "gold", "left_clavicle": "tab:purple"}

@@ -12,7 +12,7 @@ these)::
 - ``finetune.classify / finetune.segment(config, data=, out=, overrides=, resume=, overwrite=)``;
 - ``predict(model_folder, images, out=)``: CSV probabilities or masks in the source geometry;
 - ``evaluate.correspondence / fewshot_segmentation / classification / cam / compare``;
-- ``karyotype.train / predict / fit_dispatch / karyogram``.
+- ``karyotype.train / predict / fit_dispatch / evaluate / karyogram``.
 
 Names load on first use, so ``import holons`` stays fast.
 """

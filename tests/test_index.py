@@ -20,6 +20,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import holons.data.index as index_mod
+import holons.data.index_readers as readers_mod
 from holons.cli import main
 from holons.data.formats import (
     DICOM_EMPTY_REASON,
@@ -28,7 +29,8 @@ from holons.data.formats import (
     PIXEL_DATA_TRUNCATED_REASON,
 )
 from holons.data.image import UnreadableImage
-from holons.data.index import MANIFEST_COLUMNS, format_summary, index_archive, read_manifest
+from holons.data.index import format_summary, index_archive
+from holons.data.manifest import MANIFEST_COLUMNS, read_manifest
 from holons.data.privacy import SECRET_ENV, load_site_secret, pseudonymize
 from holons.data.readers import read_image
 from holons.errors import HolonsError
@@ -181,8 +183,8 @@ def test_incremental_rerun_reads_only_changed_files(archive: Path, tmp_path: Pat
     write_dicom(archive / "p4" / "new.dcm")  # added
     (archive / "notes.txt").unlink()  # deleted
     calls: list[str] = []
-    detect = index_mod.detect_format
-    monkeypatch.setattr(index_mod, "detect_format", lambda p: calls.append(str(p)) or detect(p))
+    detect = readers_mod.detect_format
+    monkeypatch.setattr(readers_mod, "detect_format", lambda p: calls.append(str(p)) or detect(p))
     summary = run(archive, out)
     read = sorted(Path(c).relative_to(archive.resolve()).as_posix() for c in calls)
     assert read == ["p1/cr.dcm", "p3/broken.dcm", "p4/new.dcm"]  # error rows are always retried
@@ -209,7 +211,7 @@ def test_resume_after_interruption_and_manifest_stays_valid(archive: Path, tmp_p
     reference = tmp_path / "ref.parquet"
     run(archive, reference, part_size=3)
     out = tmp_path / "m.parquet"
-    write_part = index_mod._write_part
+    write_part = index_mod.write_part
     written = []
 
     def failing(path, table):
@@ -218,12 +220,12 @@ def test_resume_after_interruption_and_manifest_stays_valid(archive: Path, tmp_p
         written.append(path)
         write_part(path, table)
 
-    monkeypatch.setattr(index_mod, "_write_part", failing)
+    monkeypatch.setattr(index_mod, "write_part", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         run(archive, out, part_size=3)
     assert not out.exists()
     assert len(list((tmp_path / "m.parquet.parts").glob("part-*.parquet"))) == 2
-    monkeypatch.setattr(index_mod, "_write_part", write_part)
+    monkeypatch.setattr(index_mod, "write_part", write_part)
     summary = run(archive, out, part_size=3)
     assert summary["n_resumed"] == 6 and summary["n_new"] == 10
     pd.testing.assert_frame_equal(_sorted(read_manifest(out)), _sorted(read_manifest(reference)))
@@ -233,7 +235,7 @@ def test_resume_after_interruption_and_manifest_stays_valid(archive: Path, tmp_p
     before = out.read_bytes()
     write_dicom(archive / "more" / "late.dcm")
     written.clear()
-    monkeypatch.setattr(index_mod, "_write_part", failing)
+    monkeypatch.setattr(index_mod, "write_part", failing)
     with pytest.raises(RuntimeError):
         run(archive, out, part_size=3)
     assert out.read_bytes() == before
@@ -269,13 +271,13 @@ def test_resume_after_sigkill(archive: Path, tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import os, signal
         import holons.data.index as m
-        write, n = m._write_part, [0]
+        write, n = m.write_part, [0]
         def write_then_die(path, table):
             if n[0] == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
             n[0] += 1
             write(path, table)
-        m._write_part = write_then_die
+        m.write_part = write_then_die
         m.index_archive({str(archive)!r}, {str(out)!r}, secret={SECRET!r}, workers=1, progress=False,
                         part_size=4)
     """)
@@ -415,14 +417,14 @@ def test_second_concurrent_run_is_refused(archive: Path, tmp_path: Path) -> None
 @pytest.mark.skipif(multiprocessing.get_start_method(allow_none=False) != "fork",
                     reason="the crash is injected by patching the parent before forking workers")
 def test_a_crashing_reader_costs_one_row_not_the_run(archive: Path, tmp_path: Path, monkeypatch) -> None:
-    real = index_mod.read_header
+    real = readers_mod.read_header
 
     def crashing(path, fmt):
         if Path(path).name == "cr.dcm":
             os._exit(1)
         return real(path, fmt)
 
-    monkeypatch.setattr(index_mod, "read_header", crashing)
+    monkeypatch.setattr(readers_mod, "read_header", crashing)
     summary = run(archive, tmp_path / "m.parquet", workers=2)
     rows = by_path(tmp_path / "m.parquet")
     assert rows["p1/cr.dcm"]["status"] == "error" and "crashed" in rows["p1/cr.dcm"]["reason"]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,8 +11,10 @@ import torch
 
 from holons.cli import main as cli_main
 from holons.config import load_config
-from holons.data.synthetic.karyotypes import generate_karyotypes, render_chromosome
+from holons.data.synthetic.chromosomes import render_chromosome
+from holons.data.synthetic.karyotypes import generate_karyotypes
 from holons.errors import ConfigError, HolonsError
+from holons.finetune.karyotype import api as karyotype_api
 from holons.finetune.karyotype.config import KaryotypeConfig
 from holons.finetune.karyotype.data import (
     KaryotypeDataset,
@@ -47,7 +47,6 @@ from holons.finetune.karyotype.preprocess import Preprocessing, chromosome_crop,
 from holons.finetune.karyotype.schedule import final_head, schedule
 
 TINY = "configs/finetune/karyotype_cpu_tiny.yaml"
-REEVAL = Path(__file__).resolve().parents[1] / "benchmarks" / "karyotype_reeval.py"
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -343,28 +342,18 @@ def test_train_predict_karyogram_end_to_end(synthetic, tmp_path):
     assert set(record) >= {"counts", "sex", "sex_confidence", "warnings", "changed"}
     assert sum(record["counts"].values()) == record["chromosomes"]
 
-    # benchmarks/karyotype_reeval.py evaluates the saved model on the run's test rows again: without
+    # `holons karyotype evaluate` evaluates the saved model on the run's test rows again: without
     # mirror averaging it reproduces the run's own numbers exactly
-    spec = importlib.util.spec_from_file_location("karyotype_reeval", REEVAL)
-    reeval = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reeval)
-    rows = reeval.reevaluate(run, synthetic, ["g"])
+    rows = karyotype_api.evaluate(run, synthetic, heads=["g"], device="cpu")
     assert [r["test_time_hflip"] for r in rows] == [False, True]
     assert rows[0]["type_accuracy"] == metrics["type_accuracy"]
     assert rows[0]["case_accuracy_optimal"] == metrics["case_accuracy_optimal"]
     assert (run / "reeval" / "results.json").is_file()
-    # benchmarks/karyotype_pose_probe.py: its no-jitter row is the plain accuracy on the stored images
-    spec = importlib.util.spec_from_file_location("karyotype_pose_probe",
-                                                  REEVAL.parent / "karyotype_pose_probe.py")
-    pose = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pose)
-    model, _, test = reeval.load_run_test(run, synthetic, torch.device("cpu"))
-    probs, _ = predict_dataset(model, test, "g", torch.device("cpu"))
-    plain = float((probs.argmax(1) == test.labels).float().mean())
-    rows = pose.probe(run, synthetic, ["g"], degrees=10, scale=0.05, translate=0.05, device="cpu")
-    assert [r["jitter"] for r in rows][0] == "none" and len(rows) == 5
-    assert rows[0]["type_accuracy"] == pytest.approx(plain)
-    assert (run / "pose_probe.json").is_file()
+    assert cli_main(["karyotype", "evaluate", "--run", str(run), "--data", str(synthetic), "--heads", "g",
+                     "--device", "cpu"]) == 0
+    assert json.loads((run / "reeval" / "results.json").read_text())["rows"] == rows
+    with pytest.raises(HolonsError, match="not in this model"):
+        karyotype_api.evaluate(run, synthetic, heads=["l"], device="cpu")
 
     png = tmp_path / "k.png"
     assert cli_main(["karyotype", "karyogram", "--predictions", str(pred), "--case", cases[0],

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from holons.data.readers import read_image
-from holons.data.synthetic.karyotypes import render_chromosome
+from holons.data.synthetic.chromosomes import render_chromosome
 from holons.finetune.karyotype.data import Crops, fit_preprocessing
 from holons.finetune.karyotype.preprocess import (
     ChromosomeImageError,

@@ -14,14 +14,9 @@ from pretrain_fixtures import tiny_config
 
 from holons.cli import main
 from holons.errors import ConfigError
-from holons.eval.report import (
-    FAST_SETTINGS,
-    aggregate,
-    compare,
-    parse_weight_specs,
-    read_loss_curves,
-    resolve_weight_sets,
-)
+from holons.eval.report import FAST_SETTINGS, aggregate, compare
+from holons.eval.report_plots import read_loss_curves
+from holons.eval.weight_sets import parse_weight_specs, resolve_weight_sets
 
 torch.set_num_threads(1)
 

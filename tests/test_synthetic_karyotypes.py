@@ -14,15 +14,9 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from holons.cli import main
-from holons.data.synthetic.karyotypes import (
-    CHROMOSOME_TABLE,
-    LAB_STYLES,
-    MANIFEST_COLUMNS,
-    LabStyle,
-    generate_karyotypes,
-    render_cell,
-    render_chromosome,
-)
+from holons.data.synthetic.chromosomes import CHROMOSOME_TABLE, render_chromosome
+from holons.data.synthetic.karyotypes import MANIFEST_COLUMNS, generate_karyotypes, render_cell
+from holons.data.synthetic.lab_styles import LAB_STYLES, LabStyle
 from holons.errors import HolonsError
 
 PKI3_COLUMNS = ["path", "case_id", "slide_id", "cell_no", "class_1to24", "label_0to23", "class_name", "copy",

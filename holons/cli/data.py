@@ -81,7 +81,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same data)")
     r.add_argument("--size", type=int, default=256, help="image side in pixels")
     r.set_defaults(func=_cmd_synth_radiographs)
-    # the names of karyotypes.LAB_STYLES, kept here so that --help imports no numpy (a test compares)
+    # the names of lab_styles.LAB_STYLES, kept here so that --help imports no numpy (a test compares)
     styles = {
         "gband": "G-band, dark on white, tight crop (pki-3 like; the default)",
         "qband": "Q-band, bright on black, tight crop (the same as --stain qband)",

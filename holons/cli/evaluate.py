@@ -155,7 +155,8 @@ def _cmd_evaluate_fewshot(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate_compare(args: argparse.Namespace) -> int:
     from holons.errors import ConfigError
-    from holons.eval.report import compare, format_headline, parse_weight_specs
+    from holons.eval.report import compare, format_headline
+    from holons.eval.weight_sets import parse_weight_specs
 
     runs = {}
     for spec in args.runs:

@@ -1,4 +1,4 @@
-"""`holons` subcommands. Chromosome karyotyping: train, fit-dispatch, predict, karyogram."""
+"""`holons` subcommands. Chromosome karyotyping: train, fit-dispatch, predict, evaluate, karyogram."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def _add_karyotype(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the dispatcher's training (default 0)")
     d.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     d.set_defaults(func=_cmd_karyotype_fit_dispatch)
+    e = ks.add_parser("evaluate", help="evaluate a trained run again on its test split: every head, with "
+                      "and without test-time mirror averaging")
+    e.add_argument("--run", type=Path, required=True, help="run folder written by `karyotype train`")
+    e.add_argument("--data", type=Path, required=True, metavar="MANIFEST",
+                   help="the manifest CSV the run was trained on (its split.csv rows are looked up in it)")
+    e.add_argument("--heads", nargs="+", choices=["g", "l", "fusion", "mean"], default=None,
+                   help="heads to evaluate (default: the model's own; mean: G and L probabilities averaged)")
+    e.add_argument("--vflip", action="store_true", help="also average with the mirrored upside-down image")
+    e.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    e.set_defaults(func=_cmd_karyotype_evaluate)
     g = ks.add_parser("karyogram", help="draw one case's karyogram from predictions")
     g.add_argument("--predictions", type=Path, required=True, help="folder written by `karyotype predict`")
     g.add_argument("--case", required=True, help="case id")
@@ -95,6 +105,17 @@ def _cmd_karyotype_fit_dispatch(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"saved the dispatcher into the model folder; wrote {args.run / 'eval' / REPORT_FILE} "
           "(use it with `holons karyotype predict --dispatch learned`)")
+    return 0
+
+
+def _cmd_karyotype_evaluate(args: argparse.Namespace) -> int:
+    from holons.eval.results import format_table
+    from holons.finetune.karyotype import api
+    from holons.finetune.karyotype.reeval import REEVAL_KEYS
+
+    rows = api.evaluate(args.run, args.data, heads=args.heads, vflip=args.vflip, device=args.device)
+    print(format_table(rows, ["head", "test_time_hflip", "test_time_vflip", *REEVAL_KEYS]))
+    print(f"wrote {args.run / 'reeval' / 'results.json'}")
     return 0
 
 

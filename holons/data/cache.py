@@ -48,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 
 from holons.data.preprocess import Geometry, Preprocessing
+from holons.data.workers import usable_cpus
 from holons.errors import HolonsError
 from holons.files import atomic_path, atomic_write
 
@@ -117,7 +118,7 @@ def _decode_task(task: tuple[str, int, str, str]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- manifest and state
 def _load_manifest(manifest: str | os.PathLike, archive_root: str | os.PathLike | None):
-    from holons.data.index import read_manifest
+    from holons.data.manifest import read_manifest
 
     path = Path(manifest)
     if path.is_dir():
@@ -289,13 +290,6 @@ class _Decoder:
             self.pool = None
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _progress_bar(total: int, progress: bool | None):
     import sys
 
@@ -357,7 +351,7 @@ def build_cache(
     next_shard = int(records["shard"].max()) + 1 if len(records) else 0
 
     decoded_now, skipped_now = 0, 0
-    decoder = _Decoder(workers if workers is not None else _cpu_count())
+    decoder = _Decoder(workers if workers is not None else usable_cpus())
     bar = _progress_bar(len(todo), progress)
     try:
         rows = list(zip(todo["path"], todo["size"], todo["mtime"], strict=True))

@@ -15,12 +15,14 @@ Rows are written in parts (``MANIFEST.parts/part-NNNNNN.parquet``) as they finis
 most the parts in flight; the next run reuses every finished row, and also every row of the previous
 manifest whose file has the same size and mtime (files that errored are read again). The manifest itself
 is replaced atomically at the end, so the file on disk is always a complete manifest.
+
+This module walks the archive and runs the index; ``holons.data.index_readers`` turns one file into a row
+and ``holons.data.manifest`` holds the manifest format, its parts and the rows of earlier runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -28,170 +30,31 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from holons.data.formats import detect_format
-from holons.data.headers import HeaderError, read_header, safe_message
-from holons.data.privacy import load_site_secret, pseudonymize, secret_fingerprint
+from holons.data.index_readers import READ_CHUNK, Readers, ReadOptions, reclassify
+from holons.data.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    ROOT_KEY,
+    SETTINGS_KEY,
+    Previous,
+    load_previous,
+    write_manifest,
+    write_part,
+)
+from holons.data.privacy import load_site_secret
+from holons.data.workers import usable_cpus
 from holons.errors import HolonsError
-from holons.files import atomic_path
 
-__all__ = ["MANIFEST_COLUMNS", "index_archive", "format_summary", "read_manifest", "load_site_secret",
-           "require_images"]
+__all__ = ["index_archive", "format_summary", "load_site_secret", "require_images"]
 
 log = logging.getLogger(__name__)
-
-MANIFEST_COLUMNS = (
-    "path", "size", "mtime", "format", "modality", "body_part", "view_position", "rows", "cols",
-    "photometric", "bits_stored", "transfer_syntax", "patient_id", "study_id", "series_id",
-    "status", "reason",
-)
-MANIFEST_SCHEMA = pa.schema([
-    ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64()), ("format", pa.string()),
-    ("modality", pa.string()), ("body_part", pa.string()), ("view_position", pa.string()),
-    ("rows", pa.int32()), ("cols", pa.int32()), ("photometric", pa.string()), ("bits_stored", pa.int32()),
-    ("transfer_syntax", pa.string()), ("patient_id", pa.string()), ("study_id", pa.string()),
-    ("series_id", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-])
-ROOT_KEY = "holons.archive_root"
-SETTINGS_KEY = "holons.index_settings"
-MANIFEST_VERSION = 1
-
-_MOVE_ASIDE = "remove it or choose another path"
-_FILTER_REASONS = ("modality ", "body part ", "smaller than ")  # reasons that _classify gives for filters
-_READ_CHUNK = 64  # files per task sent to a worker
-_ROW_GROUP = 16384  # rows per Parquet row group of the final manifest (bounds the merge buffer)
-
-
-class ManifestError(HolonsError):
-    """A manifest path holds something that is not a readable holons manifest."""
-
-
-# --------------------------------------------------------------------------- reading one file (workers)
-@dataclass(frozen=True)
-class _ReadOptions:
-    """Everything a worker needs to turn a file into a manifest row."""
-
-    root: str
-    secret: bytes | None
-    modalities: frozenset[str] | None
-    body_parts: frozenset[str] | None
-    min_size: int
-
-    def settings_key(self) -> str:
-        """What must match for rows of an earlier run to be reused (never the secret itself).
-
-        Filters are not part of it: reused rows are classified again under the current filters.
-        """
-        ids = secret_fingerprint(self.secret)
-        return json.dumps({"version": MANIFEST_VERSION, "root": self.root, "ids": ids}, sort_keys=True)
-
-
-_WORKER_OPTIONS: _ReadOptions | None = None
-
-
-def _init_worker(options: _ReadOptions) -> None:
-    global _WORKER_OPTIONS
-    _WORKER_OPTIONS = options
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-
-
-def _read_chunk(tasks: list[tuple[str, int, int]]) -> list[tuple]:
-    """Worker entry point: one manifest row (a tuple in ``MANIFEST_COLUMNS`` order) per task."""
-    assert _WORKER_OPTIONS is not None
-    return [_read_row(_WORKER_OPTIONS, *task) for task in tasks]
-
-
-def _read_row(options: _ReadOptions, rel: str, size: int, mtime: int) -> tuple:
-    """One manifest row for the file ``rel`` (relative to ``options.root``); never raises for a bad file."""
-    row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS, "")
-    row.update(path=rel, size=size, mtime=mtime, rows=0, cols=0, bits_stored=0)
-    path = os.path.join(options.root, rel)
-    try:
-        fmt = detect_format(path)
-        if fmt is None:
-            with open(path, "rb"):  # distinguishes "unreadable" from "not an image"
-                pass
-            row.update(status="skipped", reason="not an image")
-            return _as_tuple(row)
-        row["format"] = fmt
-        header = read_header(path, fmt)
-    except HeaderError as e:
-        row.update(status="error", reason=e.reason)
-        return _as_tuple(row)
-    except OSError as e:
-        row.update(status="error", reason=f"cannot open file: {e.strerror or safe_message(e)}")
-        return _as_tuple(row)
-    except Exception as e:  # a reader bug must not stop a long job; the reason carries no values
-        row.update(status="error", reason=f"unexpected failure: {safe_message(e)}")
-        return _as_tuple(row)
-    for key in ("modality", "body_part", "view_position", "rows", "cols", "photometric", "bits_stored",
-                "transfer_syntax"):
-        row[key] = header[key]
-    row["patient_id"] = pseudonymize(header["raw_patient_id"], options.secret)
-    row["study_id"] = pseudonymize(header["raw_study_id"], options.secret)
-    row["series_id"] = pseudonymize(header["raw_series_id"], options.secret)
-    row["status"], row["reason"] = _classify(header, options)
-    return _as_tuple(row)
-
-
-def _crash_row(task: tuple[str, int, int]) -> tuple:
-    row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS, "")
-    row.update(path=task[0], size=task[1], mtime=task[2], rows=0, cols=0, bits_stored=0, status="error",
-               reason="header reader crashed the worker process")
-    return _as_tuple(row)
-
-
-def _as_tuple(row: dict[str, Any]) -> tuple:
-    return tuple(row[c] for c in MANIFEST_COLUMNS)
-
-
-def _classify(header: dict[str, Any], options: _ReadOptions) -> tuple[str, str]:
-    """(status, reason) of a readable file after the non-image check and the user's filters.
-
-    Modality and body-part filters apply to DICOM only; other formats carry no such tags and pass them.
-    """
-    if header["skip"]:
-        return "skipped", header["skip"]
-    if header["format"] == "dicom":
-        for name, value, wanted in (("modality", header["modality"], options.modalities),
-                                    ("body part", header["body_part"], options.body_parts)):
-            if wanted is None:
-                continue
-            if not value:
-                return "skipped", f"{name} not recorded"
-            if value not in wanted:
-                return "skipped", f"{name} {_token(value)} not selected"
-    if options.min_size and min(header["rows"], header["cols"]) < options.min_size:
-        return "skipped", f"smaller than {options.min_size} px"
-    return "ok", ""
-
-
-def _reclassify(table: pa.Table, options: _ReadOptions) -> pa.Table:
-    """Status and reason of reused rows under the current filters (rows skipped for other reasons stay)."""
-    statuses, reasons = table.column("status").to_pylist(), table.column("reason").to_pylist()
-    columns = {c: table.column(c).to_pylist() for c in ("format", "modality", "body_part", "rows", "cols")}
-    for i, (status, reason) in enumerate(zip(statuses, reasons, strict=True)):
-        if status == "ok" or (status == "skipped" and reason.startswith(_FILTER_REASONS)):
-            header = {c: values[i] for c, values in columns.items()}
-            statuses[i], reasons[i] = _classify({**header, "skip": None}, options)
-    for name, values in (("status", statuses), ("reason", reasons)):
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
-    return table
-
-
-def _token(value: str) -> str:
-    """A coded value (modality, body part) made safe to show: letters, digits, _ and space, short."""
-    return "".join(ch for ch in value.upper() if ch.isalnum() or ch in "_ ")[:16] or "?"
 
 
 # --------------------------------------------------------------------------- walking the archive
@@ -244,170 +107,6 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
     if batch:
         yield batch
 
-
-# --------------------------------------------------------------------------- rows of earlier runs
-@dataclass
-class _Previous:
-    """Rows of the previous manifest and of finished parts of an interrupted run, looked up by path."""
-
-    table: pa.Table
-    index: pd.Index
-    size: np.ndarray
-    mtime: np.ndarray
-    reusable: np.ndarray  # ok / skipped rows (errors are always read again)
-    from_parts: np.ndarray
-    note: str = ""
-
-    @classmethod
-    def empty(cls, note: str = "") -> _Previous:
-        return cls(MANIFEST_SCHEMA.empty_table(), pd.Index([], dtype=object), np.zeros(0, np.int64),
-                   np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool), note)
-
-    def match(self, rels: list[str], sizes: list[int], mtimes: list[int]) -> tuple[np.ndarray, int]:
-        """Row index to reuse for each file (-1: read it), and how many files were known at all."""
-        if len(self.index) == 0:
-            return np.full(len(rels), -1), 0
-        idx = self.index.get_indexer(rels)
-        known = idx >= 0
-        safe = np.where(known, idx, 0)
-        same = known & (self.size[safe] == np.asarray(sizes)) & (self.mtime[safe] == np.asarray(mtimes))
-        same &= self.reusable[safe]
-        return np.where(same, idx, -1), int(known.sum())
-
-
-def _load_previous(out: Path, parts_dir: Path, settings: str) -> tuple[_Previous, int]:
-    """Reusable rows (manifest, then parts in order; the last row of a path wins) and the next part number."""
-    tables: list[pa.Table] = []
-    sources: list[bool] = []
-    notes = []
-    if out.exists():
-        table = _read_table(out)
-        if table.schema.metadata.get(SETTINGS_KEY.encode(), b"").decode() == settings:
-            tables.append(table)
-            sources.append(False)
-        else:
-            notes.append("archive root or site secret changed since the last run: every file is read again")
-    next_part = 0
-    for part in sorted(parts_dir.glob("part-*.parquet")):
-        with contextlib.suppress(ValueError):
-            next_part = max(next_part, int(part.stem.split("-")[1]) + 1)
-        try:
-            table = pq.read_table(part)
-        except (OSError, pa.ArrowException):
-            continue
-        if (table.schema.metadata or {}).get(SETTINGS_KEY.encode(), b"").decode() == settings:
-            tables.append(table.select(list(MANIFEST_COLUMNS)))
-            sources.append(True)
-    if not tables:
-        return _Previous.empty("; ".join(notes)), next_part
-    lengths = [len(t) for t in tables]
-    table = pa.concat_tables([t.select(list(MANIFEST_COLUMNS)).cast(MANIFEST_SCHEMA) for t in tables])
-    from_parts = np.repeat(np.array(sources, bool), lengths)
-    paths = pd.Index(table.column("path").to_numpy(zero_copy_only=False))
-    keep = np.flatnonzero(~paths.duplicated(keep="last"))
-    table = table.take(pa.array(keep))
-    status = table.column("status").to_numpy(zero_copy_only=False)
-    previous = _Previous(
-        table=table, index=paths[keep], size=table.column("size").to_numpy(),
-        mtime=table.column("mtime").to_numpy(), reusable=(status == "ok") | (status == "skipped"),
-        from_parts=from_parts[keep], note="; ".join(notes),
-    )
-    return previous, next_part
-
-
-def _read_table(path: Path) -> pa.Table:
-    """A manifest as an Arrow table; a clear error when ``path`` is something else."""
-    try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
-    except (OSError, pa.ArrowException):
-        raise ManifestError(f"{path} is not a readable Parquet manifest; {_MOVE_ASIDE}") from None
-    meta = table.schema.metadata or {}
-    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
-    if ROOT_KEY.encode() not in meta or missing:
-        raise ManifestError(f"{path} is not a manifest written by `holons index`; {_MOVE_ASIDE}")
-    return table
-
-
-# --------------------------------------------------------------------------- worker pool
-class _Readers:
-    """Reads chunks of files in worker processes (or in-process for workers=1), surviving worker crashes.
-
-    A crash of a reader library kills its worker and breaks the pool; the pool is then restarted, chunks of
-    the broken pool are retried, and a chunk that breaks a fresh pool is read file by file so that only the
-    file that crashes gets an error row.
-    """
-
-    def __init__(self, workers: int, options: _ReadOptions):
-        self.workers = workers
-        self.options = options
-        self.generation = 0
-        self.pool: ProcessPoolExecutor | None = None
-        if workers > 1:
-            self._start()
-
-    def _start(self) -> None:
-        self.pool = ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=(self.options,))
-
-    def restart(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        self.generation += 1
-        self._start()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-
-    def submit(self, chunk: list[tuple[str, int, int]]) -> tuple[Future, int]:
-        if self.pool is None:
-            future: Future = Future()
-            future.set_result([_read_row(self.options, *task) for task in chunk])
-            return future, self.generation
-        return self.pool.submit(_read_chunk, chunk), self.generation
-
-    def rows(self, chunk: list[tuple[str, int, int]], future: Future, generation: int) -> list[tuple]:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            pass
-        if generation != self.generation:  # broken by a crash elsewhere: retry in the current pool
-            return self.rows(chunk, *self.submit(chunk))
-        self.restart()
-        if len(chunk) == 1:
-            return [_crash_row(chunk[0])]
-        out: list[tuple] = []
-        for task in chunk:
-            out.extend(self.rows([task], *self.submit([task])))
-        return out
-
-
-# --------------------------------------------------------------------------- parts and the manifest
-def _write_part(path: Path, table: pa.Table) -> None:
-    """Write one finished part atomically (a killed run never leaves a half part that looks valid)."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def _write_manifest(out: Path, parts: list[Path], metadata: dict[str, str]) -> None:
-    """Concatenate this run's parts into ``out`` atomically, streaming (one row group in memory)."""
-    schema = MANIFEST_SCHEMA.with_metadata(metadata)
-    with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            buffer: list[pa.Table] = []
-            buffered = 0
-            for part in parts:
-                table = pq.read_table(part).select(list(MANIFEST_COLUMNS)).cast(MANIFEST_SCHEMA)
-                buffer.append(table)
-                buffered += len(table)
-                if buffered >= _ROW_GROUP:
-                    writer.write_table(pa.concat_tables(buffer).replace_schema_metadata(metadata))
-                    buffer, buffered = [], 0
-            if buffer or not parts:
-                table = pa.concat_tables(buffer) if buffer else MANIFEST_SCHEMA.empty_table()
-                writer.write_table(table.replace_schema_metadata(metadata))
 
 
 @contextlib.contextmanager
@@ -470,7 +169,7 @@ def index_archive(
     if out.is_dir():
         raise HolonsError(f"the manifest path is a folder: {out}")
     parts_dir = out.with_name(out.name + ".parts")
-    options = _ReadOptions(
+    options = ReadOptions(
         root=str(root), secret=secret,
         modalities=frozenset(m.strip().upper() for m in modalities) if modalities is not None else None,
         body_parts=frozenset(b.strip().upper() for b in body_parts) if body_parts is not None else None,
@@ -478,7 +177,7 @@ def index_archive(
     )
     settings = options.settings_key()
     metadata = {ROOT_KEY: str(root), SETTINGS_KEY: settings}
-    workers = max(1, int(workers) if workers else _cpu_count())
+    workers = max(1, int(workers) if workers else usable_cpus())
     parts_dir.mkdir(parents=True, exist_ok=True)
 
     counters: Counter = Counter()
@@ -490,10 +189,10 @@ def index_archive(
     with _exclusive(parts_dir):
         for tmp in parts_dir.glob(".*.tmp"):  # half-written parts of a killed run
             tmp.unlink(missing_ok=True)
-        previous, next_part = _load_previous(out, parts_dir, settings)
+        previous, next_part = load_previous(out, parts_dir, settings)
         if previous.note:
             log.info(previous.note)
-        readers = _Readers(workers, options)
+        readers = Readers(workers, options)
         bar = tqdm(unit=" files", desc="index", disable=not show, dynamic_ncols=True)
 
         def finish(batch: _Pending) -> None:
@@ -504,7 +203,7 @@ def index_archive(
             table = _batch_table(batch, new_rows, previous, options)
             part = parts_dir / f"part-{next_part:06d}.parquet"
             next_part += 1
-            _write_part(part, table.replace_schema_metadata(metadata))
+            write_part(part, table.replace_schema_metadata(metadata))
             my_parts.append(part)
             reused = batch.reuse[batch.reuse >= 0]
             counters["n_resumed"] += int(previous.from_parts[reused].sum())
@@ -521,7 +220,7 @@ def index_archive(
                             refresh=False)
 
         try:
-            max_pending = max(2, workers * 4 * _READ_CHUNK // part_size + 1)
+            max_pending = max(2, workers * 4 * READ_CHUNK // part_size + 1)
             pending: deque[_Pending] = deque()
             walk = _walk(str(root), {str(out), str(parts_dir)}, counters)
             for batch in _batched(walk, part_size):
@@ -530,8 +229,8 @@ def index_archive(
                 counters["n_known"] += known
                 todo = [batch[i] for i in np.flatnonzero(reuse < 0)]
                 item = _Pending(rels=rels, reuse=reuse)
-                for start in range(0, len(todo), _READ_CHUNK):
-                    chunk = todo[start:start + _READ_CHUNK]
+                for start in range(0, len(todo), READ_CHUNK):
+                    chunk = todo[start:start + READ_CHUNK]
                     item.chunks.append(chunk)
                     item.futures.append(readers.submit(chunk))
                 pending.append(item)
@@ -542,7 +241,7 @@ def index_archive(
         finally:
             readers.close()
             bar.close()
-        _write_manifest(out, my_parts, metadata)
+        write_manifest(out, my_parts, metadata)
     shutil.rmtree(parts_dir, ignore_errors=True)
 
     elapsed = time.perf_counter() - started
@@ -559,7 +258,7 @@ def index_archive(
 
 
 def _batch_table(
-    batch: _Pending, new_rows: list[tuple], previous: _Previous, options: _ReadOptions
+    batch: _Pending, new_rows: list[tuple], previous: Previous, options: ReadOptions
 ) -> pa.Table:
     """Rows of one batch in walk order: reused rows taken from ``previous``, the others freshly read."""
     reused_at = np.flatnonzero(batch.reuse >= 0)
@@ -570,7 +269,7 @@ def _batch_table(
     if len(reused_at) == 0:
         return fresh
     old = previous.table.take(pa.array(batch.reuse[reused_at])).replace_schema_metadata(None)
-    old = _reclassify(old, options)
+    old = reclassify(old, options)
     both = pa.concat_tables([old, fresh])
     order = np.argsort(np.concatenate([reused_at, read_at]), kind="stable")
     return both.take(pa.array(order))
@@ -582,20 +281,6 @@ def _no_modality(fmt: str) -> str:
     return f"({fmt})" if fmt else "(not an image)"
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-# --------------------------------------------------------------------------- reading and reporting
-def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    """The manifest as a DataFrame of ``MANIFEST_COLUMNS``, with ``df.attrs["archive_root"]``."""
-    table = _read_table(Path(path))
-    df = table.select(list(MANIFEST_COLUMNS)).to_pandas()
-    df.attrs["archive_root"] = table.schema.metadata[ROOT_KEY.encode()].decode()
-    return df
 
 
 def require_images(summary: dict) -> None:

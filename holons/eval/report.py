@@ -20,21 +20,16 @@ comparison resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from scipy import stats
 
 from holons.data.annotated import load_annotated
@@ -44,14 +39,20 @@ from holons.eval.correspondence import run_correspondence
 from holons.eval.features import RANDOM, resolve_device
 from holons.eval.fewshot_seg import run_fewshot_segmentation
 from holons.eval.localization import run_localization
+from holons.eval.report_plots import (
+    LOSS_TERMS,
+    PROTOCOL_TITLES,
+    plot_bars,
+    plot_correspondence_examples,
+    plot_loss_curves,
+    plot_part_whole,
+    read_loss_curves,
+)
 from holons.eval.results import format_table, json_safe
-from holons.files import atomic_path, atomic_write
+from holons.eval.weight_sets import WeightSet, recorded_config, resolve_weight_sets, weights_fingerprint
+from holons.files import atomic_write
 
-__all__ = [
-    "PROTOCOLS", "DEFAULT_SETTINGS", "FAST_SETTINGS", "WeightSet", "parse_weight_specs",
-    "resolve_weight_sets", "weights_fingerprint", "aggregate", "read_loss_curves", "plot_bars",
-    "plot_correspondence_examples", "plot_loss_curves", "plot_part_whole", "compare", "format_headline",
-]
+__all__ = ["PROTOCOLS", "DEFAULT_SETTINGS", "FAST_SETTINGS", "aggregate", "compare", "format_headline"]
 
 PROTOCOLS = ("correspondence", "fewshot-seg", "classify", "cam")
 # Sized for small CPU models on the phantoms (3 weight sets x 3 seeds in about 3 minutes on 2 cores):
@@ -73,109 +74,6 @@ FAST_SETTINGS: dict[str, dict[str, Any]] = {
 # Bumped when a protocol's results gain fields, so cached results made by older code are recomputed
 # (correspondence 3: centred part-whole cosine and part-whole retrieval, centred per kind of whole).
 RESULT_VERSIONS: dict[str, int] = {"correspondence": 3}
-_TITLES = {"correspondence": "Zero-shot landmark correspondence", "fewshot-seg": "Few-shot segmentation",
-           "classify": "Classification", "cam": "CAM localization"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_LOSS_TERMS = ("loss", "loss_loc", "loss_comp", "loss_dec")
-
-
-# --------------------------------------------------------------------------- weight sets
-@dataclass(frozen=True)
-class WeightSet:
-    """One compared model: a name (folder-safe), its weights (exported folder or "random"), and the
-    pretraining run dir whose ``metrics.jsonl`` gives its loss curves (None when unknown)."""
-
-    name: str
-    weights: str
-    run_dir: Path | None = None
-
-
-def _recorded(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def parse_weight_specs(specs: Sequence[str]) -> dict[str, str]:
-    """``["random", "dino=runs/dino/exported", ...]`` -> ``{name: weights}``. A bare folder is named after
-    the method recorded in its ``config.json`` (else the folder name); a bare ``random`` is ``random``."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        name, sep, value = spec.partition("=")
-        if not sep:
-            value = spec
-            if spec == RANDOM:
-                name = RANDOM
-            else:
-                folder = Path(spec)
-                name = str(_recorded(folder).get("holons", {}).get("method") or folder.resolve().name)
-        if name in out:
-            raise ConfigError(f"two weight sets are named {name!r}; name them NAME=DIR")
-        out[name] = value
-    return out
-
-
-def weights_fingerprint(weights: str | Path) -> str:
-    """``"random"``, or a SHA-256 prefix of the exported folder's config.json and model.safetensors."""
-    if str(weights) == RANDOM:
-        return RANDOM
-    folder = Path(weights)
-    digest = hashlib.sha256()
-    try:
-        for name in ("config.json", "model.safetensors"):
-            with open(folder / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-    except OSError as e:
-        raise ConfigError(f"{folder} is not an exported foundation folder (needs model.safetensors and "
-                          f"config.json), nor 'random': {e.strerror}") from e
-    return digest.hexdigest()[:16]
-
-
-def resolve_weight_sets(weights: Mapping[str, str | Path], runs: Mapping[str, str | Path] | None = None,
-                        arch: str | None = None, with_random: bool = True) -> tuple[list[WeightSet], str]:
-    """The weight sets to compare (random init first, added when missing unless ``with_random`` is False)
-    and the architecture.
-
-    The architecture is ``arch`` or the one recorded in the exported folders, which must agree (the
-    comparison holds the backbone fixed). A folder ``RUN/exported`` finds its run dir by itself.
-    """
-    runs = dict(runs or {})
-    unknown = sorted(set(runs) - set(weights))
-    if unknown:
-        raise ConfigError(f"--runs names {unknown[0]!r}, which is not among the --weights names")
-    sets, archs = [], {}
-    for name, w in weights.items():
-        if not _NAME.match(name):
-            raise ConfigError(f"weight set name {name!r}: use letters, digits, '_', '-' or '.'")
-        w = str(w)
-        run = Path(runs[name]) if name in runs else None
-        if w != RANDOM:
-            weights_fingerprint(w)  # a clear error for a folder that is not an export
-            recorded = _recorded(Path(w)).get("architecture")
-            if recorded:
-                archs[name] = str(recorded)
-            parent = Path(w).resolve().parent
-            if run is None and (parent / "metrics.jsonl").is_file():
-                run = parent
-        if run is not None and not (run / "metrics.jsonl").is_file():
-            raise ConfigError(f"run dir {run} of {name!r} has no metrics.jsonl")
-        sets.append(WeightSet(name, w, run))
-    if not sets:
-        raise ConfigError("compare needs at least one weight set")
-    distinct = set(archs.values()) | ({arch} if arch else set())
-    if len(distinct) > 1:
-        raise ConfigError(f"the weight sets hold different architectures ({', '.join(sorted(distinct))}); "
-                          "a comparison holds the backbone fixed")
-    if not distinct:
-        raise ConfigError("random weights need --arch NAME (a timm model, e.g. convnext_atto)")
-    if with_random and not any(s.weights == RANDOM for s in sets):
-        if RANDOM in weights:
-            raise ConfigError("the name 'random' is kept for random init")
-        sets.insert(0, WeightSet(RANDOM, RANDOM))
-    sets.sort(key=lambda s: s.weights != RANDOM)  # random init first, the rest as given
-    return sets, distinct.pop()
 
 
 # --------------------------------------------------------------------------- running the protocols
@@ -279,196 +177,6 @@ def aggregate(records: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
                                        "per_seed"])
 
 
-def read_loss_curves(run_dir: str | Path) -> pd.DataFrame:
-    """The loss terms of a run's ``metrics.jsonl`` (columns ``step`` and the terms present); lines that
-    are not JSON (e.g. cut by a kill) are skipped."""
-    rows = []
-    path = Path(run_dir) / "metrics.jsonl"
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                rows.append({k: rec.get(k) for k in ("step", "stage", *_LOSS_TERMS) if k in rec})
-    frame = pd.DataFrame(rows)
-    return frame.apply(pd.to_numeric, errors="coerce") if len(frame) else frame
-
-
-# --------------------------------------------------------------------------- plots
-def _colors(names: Sequence[str]) -> dict[str, str]:
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    out, k = {}, 0
-    for n in names:
-        if n == RANDOM:
-            out[n] = "#8c8c8c"
-        else:
-            out[n] = palette[k % len(palette)]
-            k += 1
-    return out
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    return path
-
-
-def _grid(n_panels: int, ncols: int, w: float, h: float) -> tuple[Figure, list]:
-    ncols = max(1, min(ncols, n_panels))
-    nrows = math.ceil(n_panels / ncols)
-    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
-    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(n_panels)]
-    return fig, axes
-
-
-def _bounds(metric: str) -> tuple[float, float]:
-    """The range a metric can take, to clip the drawn intervals (a t-interval over few seeds can leave it)."""
-    if "(%)" in metric:
-        return 0.0, 100.0
-    if "cosine" in metric:
-        return -1.0, 1.0
-    if "(px)" in metric:
-        return 0.0, math.inf
-    return 0.0, 1.0  # Dice, AUC, accuracy
-
-
-def plot_bars(table: pd.DataFrame, protocol: str, methods: Sequence[str], path: Path) -> Path | None:
-    """One panel per metric, settings on the x axis, one bar per method with its 95 % interval over
-    seeds and the per-seed values as dots."""
-    block = table[table["protocol"] == protocol]
-    if block.empty:
-        return None
-    metrics = list(dict.fromkeys(block["metric"]))
-    colors = _colors(methods)
-    fig, axes = _grid(len(metrics), 3, 5.2, 3.6)
-    width = 0.8 / len(methods)
-    for ax, metric in zip(axes, metrics, strict=True):
-        sub = block[block["metric"] == metric]
-        settings = list(dict.fromkeys(sub["setting"]))
-        for j, m in enumerate(methods):
-            for i, s in enumerate(settings):
-                row = sub[(sub["setting"] == s) & (sub["method"] == m)]
-                if row.empty or not math.isfinite(row["mean"].iloc[0]):
-                    continue
-                r = row.iloc[0]
-                x = i + (j - (len(methods) - 1) / 2) * width
-                err = None
-                if math.isfinite(r["ci_lo"]):
-                    lo, hi = _bounds(metric)
-                    err = [[r["mean"] - max(r["ci_lo"], lo)], [min(r["ci_hi"], hi) - r["mean"]]]
-                ax.bar(x, r["mean"], width * 0.9, yerr=err, capsize=3, color=colors[m], edgecolor="black",
-                       linewidth=0.4)
-                seeds = [v for v in r["per_seed"] if math.isfinite(v)]
-                ax.scatter([x] * len(seeds), seeds, s=8, color="black", zorder=3)
-        ax.set_xticks(range(len(settings)))
-        ax.set_xticklabels(settings, rotation=25 if len(settings) > 2 else 0, ha="right" if len(settings) > 2
-                           else "center", fontsize=8)
-        arrow = "higher is better" if sub["higher_is_better"].iloc[0] else "lower is better"
-        ax.set_title(f"{metric} ({arrow})", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        if not np.isfinite(sub["mean"].to_numpy(dtype=float)).any():
-            ax.text(0.5, 0.5, "undefined for every method\n(e.g. one class in the test split)",
-                    transform=ax.transAxes, ha="center", va="center", fontsize=8)
-    fig.legend(handles=[Patch(facecolor=colors[m], edgecolor="black", label=m) for m in methods],
-               loc="outside lower center", ncols=len(methods), fontsize=8)
-    fig.suptitle(f"{_TITLES[protocol]}: mean over seeds, bars = 95 % interval, dots = seeds", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_correspondence_examples(data: str | Path, points: Mapping[str, pd.DataFrame], path: Path,
-                                 max_pairs: int = 2) -> Path | None:
-    """For the first image pairs: the source with its landmarks, then per method the target with the
-    ground truth (green) and the predicted points (red), joined by their error."""
-    frames = {m: p for m, p in points.items() if len(p)}
-    if not frames:
-        return None
-    ds = load_annotated(data)
-    first = next(iter(frames.values()))
-    pairs = list(dict.fromkeys(zip(first["source"].astype(str), first["target"].astype(str),
-                                   strict=True)))[:max_pairs]
-    methods = list(frames)
-    fig = Figure(figsize=(3.0 * (1 + len(methods)), 3.2 * len(pairs)), layout="constrained")
-    for r, (src, tgt) in enumerate(pairs):
-        ax = fig.add_subplot(len(pairs), 1 + len(methods), r * (1 + len(methods)) + 1)
-        ax.imshow(ds.read(src), cmap="gray", vmin=0, vmax=1)
-        for pts in ds.landmarks(src).values():
-            ax.scatter(pts[:, 0], pts[:, 1], s=3, color="#00d0ff")
-        ax.set_title(f"source {src}", fontsize=8)
-        ax.axis("off")
-        target_img = ds.read(tgt)
-        for c, m in enumerate(methods):
-            p = frames[m]
-            p = p[(p["source"].astype(str) == src) & (p["target"].astype(str) == tgt)]
-            ax = fig.add_subplot(len(pairs), 1 + len(methods), r * (1 + len(methods)) + c + 2)
-            ax.imshow(target_img, cmap="gray", vmin=0, vmax=1)
-            for _, q in p.iterrows():
-                ax.plot([q["x_true"], q["x_pred"]], [q["y_true"], q["y_pred"]], color="#ffd000", lw=0.5)
-            ax.scatter(p["x_true"], p["y_true"], s=3, color="#00e000")
-            ax.scatter(p["x_pred"], p["y_pred"], s=3, color="#ff2020", marker="x", linewidths=0.6)
-            err = p["error_px"].mean() if len(p) else math.nan
-            ax.set_title(f"{m}: target {tgt}\nmean error {err:.1f} px", fontsize=8)
-            ax.axis("off")
-    fig.suptitle("Correspondence: source landmarks (cyan) -> predicted (red) vs. true (green) target points",
-                 fontsize=9)
-    return _save(fig, path)
-
-
-def plot_loss_curves(curves: Mapping[str, pd.DataFrame], path: Path, methods: Sequence[str]) -> Path | None:
-    """One panel per loss term, one line per pretraining run."""
-    curves = {m: c for m, c in curves.items() if len(c)}
-    terms = [t for t in _LOSS_TERMS if any(t in c and c[t].notna().any() for c in curves.values())]
-    if not terms:
-        return None
-    colors = _colors(methods)
-    fig, axes = _grid(len(terms), 4, 4.0, 3.0)
-    for ax, term in zip(axes, terms, strict=True):
-        for m, c in curves.items():
-            if term in c and c[term].notna().any():
-                ax.plot(c["step"], c[term], label=m, color=colors.get(m, "black"), lw=1.2)
-                if "stage" in c:  # where the curriculum enters a new stage
-                    for step in c.loc[c["stage"].diff() > 0, "step"]:
-                        ax.axvline(step, color=colors.get(m, "black"), ls=":", lw=0.8)
-        ax.set_title({"loss": "total loss", "loss_loc": "localizability", "loss_comp": "composability",
-                      "loss_dec": "decomposability"}[term], fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Pretraining loss terms (metrics.jsonl); dotted: a new curriculum stage", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_part_whole(cosines: Mapping[str, pd.DataFrame], path: Path, methods: Sequence[str]) -> Path | None:
-    """Distribution of the centred cos(E(W), mean E(parts)) per method, one panel per kind of whole (raw
-    cosines sit near 1 for any backbone)."""
-    cosines = {m: c for m, c in cosines.items() if len(c)}
-    if not cosines:
-        return None
-    kinds = list(dict.fromkeys(k for c in cosines.values() for k in c["whole"]))
-    colors = _colors(methods)
-    fig, axes = _grid(len(kinds), 2, 1.4 + 1.3 * len(cosines), 3.4)
-    rng = np.random.default_rng(0)
-    for ax, kind in zip(axes, kinds, strict=True):
-        names = [m for m in cosines if (cosines[m]["whole"] == kind).any()]
-        values = [cosines[m].loc[cosines[m]["whole"] == kind, "cosine_centred"].to_numpy(float)
-                  for m in names]
-        box = ax.boxplot(values, patch_artist=True, showfliers=False, widths=0.6)
-        for patch, m in zip(box["boxes"], names, strict=True):
-            patch.set_facecolor(colors.get(m, "white"))
-            patch.set_alpha(0.5)
-        for i, v in enumerate(values):
-            ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, len(v)), v, s=5, color="black", alpha=0.6)
-        ax.set_xticks(range(1, len(names) + 1))
-        ax.set_xticklabels(names, fontsize=8)
-        ax.set_title(f"{kind} wholes", fontsize=9)
-        ax.set_ylabel("centred cosine", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Part-whole consistency: centred cosine of E(whole) and the mean of E(parts), all seeds",
-                 fontsize=10)
-    return _save(fig, path)
-
-
 # --------------------------------------------------------------------------- report
 def _fmt(v: float, metric: str) -> str:
     if not math.isfinite(v):
@@ -516,7 +224,7 @@ def _write_report(out: Path, info: dict, table: pd.DataFrame, plots: dict[str, P
         "| name | weights | method | pretraining steps | run dir |", "|---|---|---|---|---|",
     ]
     for s in sets:
-        prov = _recorded(Path(s.weights)).get("holons", {}) if s.weights != RANDOM else {}
+        prov = recorded_config(Path(s.weights)).get("holons", {}) if s.weights != RANDOM else {}
         steps = "-"
         if s.name in curves and len(curves[s.name]):
             steps = str(int(curves[s.name]["step"].max()))
@@ -526,7 +234,7 @@ def _write_report(out: Path, info: dict, table: pd.DataFrame, plots: dict[str, P
         run = f"`{s.run_dir}`" if s.run_dir else "-"
         lines.append(f"| {s.name} | `{s.weights}` | {method} | {steps} | {run} |")
     for protocol in info["protocols"]:
-        lines += ["", f"## {_TITLES[protocol]}", ""]
+        lines += ["", f"## {PROTOCOL_TITLES[protocol]}", ""]
         settings = info["settings"][protocol]
         lines.append("Settings: " + ", ".join(f"{k} {v}" for k, v in json_safe(settings).items()) + ".")
         if protocol == "correspondence":
@@ -552,8 +260,8 @@ def _write_report(out: Path, info: dict, table: pd.DataFrame, plots: dict[str, P
             if len(c):
                 last = c.iloc[-1]
                 final.append({"method": m, "steps": int(last["step"]),
-                              **{t: float(last[t]) for t in _LOSS_TERMS if t in c and pd.notna(last[t])}})
-        cols = ["method", "steps", *[t for t in _LOSS_TERMS if any(t in f for f in final)]]
+                              **{t: float(last[t]) for t in LOSS_TERMS if t in c and pd.notna(last[t])}})
+        cols = ["method", "steps", *[t for t in LOSS_TERMS if any(t in f for f in final)]]
         lines += ["Last logged value of each loss term:", "", "| " + " | ".join(cols) + " |",
                   "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(f"{f[c]:.4f}" if isinstance(f.get(c), float) else str(f.get(c, "-"))

@@ -1,4 +1,4 @@
-"""The karyotyping API: ``holons.karyotype.train / predict / fit_dispatch / karyogram``.
+"""The karyotyping API: ``holons.karyotype.train / predict / fit_dispatch / evaluate / karyogram``.
 
 One call per ``holons karyotype`` subcommand, with the shape every holons trainer has:
 ``train(config, *, data, out, overrides, resume, overwrite)`` takes a YAML path, a dict or a
@@ -71,6 +71,15 @@ def fit_dispatch(run: str | Path, data: str | Path, *, steps: int = 600, seed: i
     return fit_learned_dispatch(run, data, steps=steps, seed=seed, device=device, progress=progress)
 
 
+def evaluate(run: str | Path, data: str | Path, *, heads: list[str] | None = None, vflip: bool = False,
+             device: str = "auto") -> list[dict[str, Any]]:
+    """Evaluate a trained run again on its test split: one row per head and test-time averaging
+    (none, mirror, and with ``vflip`` mirror + upside down); also written to ``run/reeval/``."""
+    from holons.finetune.karyotype.reeval import reevaluate
+
+    return reevaluate(run, data, heads, vflip=vflip, device=device)
+
+
 def karyogram(predictions: str | Path, case: str, out: str | Path) -> Path:
     """Draw one case of a ``predict`` folder as a karyogram PNG; returns the file."""
     from holons.finetune.karyotype.karyogram import karyogram_from_predictions
@@ -79,4 +88,5 @@ def karyogram(predictions: str | Path, case: str, out: str | Path) -> Path:
     return Path(out)
 
 
-__all__ = ["KaryotypePredictions", "KaryotypeRun", "fit_dispatch", "karyogram", "predict", "train"]
+__all__ = ["KaryotypePredictions", "KaryotypeRun", "evaluate", "fit_dispatch", "karyogram", "predict",
+           "train"]
