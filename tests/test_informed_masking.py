@@ -200,3 +200,26 @@ def test_with_masking_off_a_seeded_run_is_unchanged(phantoms, tmp_path, monkeypa
     for part in a["student"]:
         for k, t in a["student"][part].items():
             assert torch.equal(t, b["student"][part][k]), (part, k)
+
+
+def test_the_ablation_spec_turns_masking_on_in_its_masking_arms_only(tmp_path):
+    from holons.study.spec import expand_jobs, load_spec
+    from holons.study.steps import budget_config
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "studies" / "informed_masking.yaml")
+    assert spec.primary == "mean_px" and spec.seeds == [0, 1, 2]
+    _, jobs = expand_jobs(spec, tmp_path)
+    configs = {}
+    for job in jobs:
+        args = json.loads(job.steps[0].argv[4])
+        cfg = budget_config(args["config"], args["steps"], args["seed"], args["cache"],
+                            batch_size=args["batch_size"], overrides=args["overrides"])
+        configs[(job.arm, job.seed)] = resolve_config(cfg)
+    assert {arm for arm, _ in configs} == {"adamv2", "adamv2_mask", "dino_mask"}
+    for (arm, seed), cfg in configs.items():
+        assert cfg.mask.enabled == arm.endswith("_mask") and cfg.seed == seed
+        assert cfg.method == arm.split("_")[0] and cfg.data.batch_size == spec.vars["batch_size"]
+    # the same budget: adamv2 with and without masking differ in mask.* alone
+    plain, masked = configs[("adamv2", 0)], configs[("adamv2_mask", 0)]
+    masked.mask = plain.mask
+    assert masked == plain
