@@ -168,6 +168,21 @@ def test_both_methods_train_with_informed_masking(phantoms, tmp_path, method):
     assert any(not torch.equal(state["student"]["mask_head"][k], head[k]) for k in head)  # it trained
 
 
+def test_a_masking_run_resumes_bit_exactly(phantoms, tmp_path):
+    stages = [{"mode": "localizability", "levels": [0], "steps_per_level": 2},
+              {"mode": "part_whole", "levels": [0], "steps_per_level": 1}]
+    mask = {"enabled": True, "grid": 4}
+    pretrain(tiny_config(phantoms, stages, mask=mask), tmp_path / "a", progress=False)
+    pretrain(tiny_config(phantoms, stages, mask=mask, max_steps=1), tmp_path / "b", progress=False)
+    pretrain(tiny_config(phantoms, stages, mask=mask), tmp_path / "b", resume=True, progress=False)
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / r / "checkpoints")[-1][1]) for r in "ab")
+    assert a["step"] == b["step"] == 3
+    for k, t in a["student"]["mask_head"].items():
+        assert torch.equal(t, b["student"]["mask_head"][k]), k
+    assert [r["loss_complete"] for r in _metrics(tmp_path / "a")] == [
+        r["loss_complete"] for r in _metrics(tmp_path / "b")]
+
+
 def test_a_vit_masks_where_its_teacher_attends(phantoms, tmp_path):
     cfg = tiny_config(phantoms, [{"mode": "localizability", "levels": [0], "steps_per_level": 1}],
                       method="dino", mask={"enabled": True})
