@@ -13,16 +13,18 @@ Nothing is ever downloaded: models are built with random weights, or from a fold
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from holons.errors import ConfigError
 
-__all__ = ["Backbone", "create_backbone"]
+__all__ = ["Backbone", "create_backbone", "feature_grid"]
 
 
 class Backbone(nn.Module):
@@ -71,6 +73,26 @@ class Backbone(nn.Module):
             )
         return feats
 
+    def forward_pooled_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled embedding (as ``forward``) and the last-stage map ``B x C x h x w`` of one pass
+        (for ViTs: the final-norm patch tokens as a square grid, prefix tokens dropped)."""
+        feats = self.model.forward_features(x)
+        pooled = self.model.forward_head(feats)
+        if feats.ndim == 4:
+            return pooled, feats
+        if feats.ndim == 3:
+            tokens = feats[:, int(getattr(self.model, "num_prefix_tokens", 0)):]
+            side = math.isqrt(tokens.shape[1])
+            if side * side == tokens.shape[1]:
+                return pooled, tokens.transpose(1, 2).unflatten(2, (side, side))
+        raise ConfigError(f"backbone {self.name!r} gives no square feature map (forward_features shape "
+                          f"{tuple(feats.shape)})")
+
+    @property
+    def dense_channels(self) -> int:
+        """Channels of the last-stage map of ``forward_dense`` / ``forward_pooled_dense``."""
+        return int(self.model.num_features)
+
     def forward_pyramid(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None
     ) -> list[torch.Tensor]:
@@ -95,6 +117,16 @@ class Backbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory on large models (passes through to timm)."""
         self.model.set_grad_checkpointing(enable)
+
+
+def feature_grid(maps: torch.Tensor, grid: int) -> torch.Tensor:
+    """Feature maps ``B x C x h x w`` resampled to ``B x C x grid x grid``: averaged over the cells of a
+    coarser grid, bilinearly interpolated to a finer one."""
+    if maps.shape[-2:] == (grid, grid):
+        return maps
+    if grid <= min(maps.shape[-2:]):
+        return F.adaptive_avg_pool2d(maps, grid)
+    return F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)
 
 
 def _exported_architecture(pretrained_dir: Path) -> str:

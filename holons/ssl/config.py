@@ -78,6 +78,38 @@ class LossConfig:
 
 
 @dataclass
+class MaskConfig:
+    """Informed masking (after MASCOT; DESIGN.md "Informed masking"), an extra branch of ``adamv2`` and
+    ``dino`` alike; off by default (and in every shipped config until it wins its ablation,
+    ``configs/studies/informed_masking.yaml``).
+
+    The EMA teacher's saliency over a ``grid`` x ``grid`` patch grid of each global crop picks a
+    high-informed mask (the ``ratio_high`` most salient patches) and a low-informed mask (the
+    ``ratio_low`` least salient). The student sees both masked crops: from the high-masked one it
+    predicts the teacher's patch features at the masked positions through a small predictor
+    (``loss_complete``, weight ``w_complete``); the pooled embeddings of the two masked crops agree
+    with each other and with the teacher's embedding of the whole crop (``loss_agree``, ``w_agree``).
+
+    ``saliency``: ``attention`` (the teacher's class-token attention in its last block, ViTs),
+    ``feature_norm`` (the norm of the teacher's patch features, any backbone), ``pooled_similarity``
+    (cosine of each patch feature to the pooled embedding) or ``auto`` (attention for ViTs, feature
+    norm otherwise). ``grid``: patches per side (default: the teacher's dense map, e.g. 2 for a
+    ConvNeXt at 64 px); saliency and features are resampled to it. ``loss``: ``cosine`` or
+    ``smooth_l1`` (on layer-normalized features) between predictions and targets.
+    """
+
+    enabled: bool = False
+    saliency: Literal["auto", "attention", "feature_norm", "pooled_similarity"] = "auto"
+    grid: int | None = None
+    ratio_high: float = 0.5
+    ratio_low: float = 0.5
+    w_complete: float = 1.0
+    w_agree: float = 1.0
+    loss: Literal["cosine", "smooth_l1"] = "cosine"
+    predictor_hidden: int = 256
+
+
+@dataclass
 class OptimConfig:
     """AdamW with linear warm-up + cosine lr, cosine weight decay, EMA momentum 0.996 -> 1.
 
@@ -143,6 +175,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     checkpoint_every: int = 1000
@@ -201,6 +234,16 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"max_nan_steps must be >= 0, got {cfg.max_nan_steps}")
     if cfg.loss.sinkhorn_iters < 1:
         raise ConfigError(f"loss.sinkhorn_iters must be >= 1, got {cfg.loss.sinkhorn_iters}")
+    m = cfg.mask
+    for key in ("ratio_high", "ratio_low"):
+        if not 0 < getattr(m, key) < 1:
+            raise ConfigError(f"mask.{key} must be in (0, 1), got {getattr(m, key)}")
+    if m.grid is not None and m.grid < 2:
+        raise ConfigError(f"mask.grid must be >= 2 patches per side, got {m.grid}")
+    if m.w_complete < 0 or m.w_agree < 0:
+        raise ConfigError("mask.w_complete and mask.w_agree must be >= 0")
+    if m.predictor_hidden < 1:
+        raise ConfigError(f"mask.predictor_hidden must be >= 1, got {m.predictor_hidden}")
     if cfg.optim.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be > 0, got {cfg.optim.clip_grad}")
     if len(cfg.optim.betas) != 2:

@@ -3,6 +3,8 @@
 - ``LocalizabilityHead``: MLP -> L2-normalize -> weight-normalized linear to K prototypes.
 - ``CompositionHead``: k x k part embeddings (raster order) -> embedding of the whole.
 - ``DecompositionHead``: embedding of the whole -> k x k part embeddings (raster order).
+- ``PatchPredictor``: the student's patch features -> its prediction of the teacher's (informed
+  masking, ``holons.ssl.methods.informed_masking``).
 
 Part order is part of the model: index ``i`` of the part axis is grid cell
 ``(row, col) = divmod(i, k)`` (top-left, top-right, ..., bottom-right). All heads hold plain
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CompositionHead", "DecompositionHead", "LocalizabilityHead"]
+__all__ = ["CompositionHead", "DecompositionHead", "LocalizabilityHead", "PatchPredictor"]
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -145,3 +147,18 @@ class DecompositionHead(nn.Module):
         if self.normalize == "joint":
             return F.normalize(out, dim=-1).unflatten(1, (self.k2, self.embed_dim))
         return F.normalize(out.unflatten(1, (self.k2, self.embed_dim)), dim=-1)
+
+
+class PatchPredictor(nn.Module):
+    """Patch features ``B x N x C`` -> predicted teacher patch features ``B x N x C``, patch by patch:
+    ``LayerNorm -> Linear(C, hidden) -> GELU -> Linear(hidden, C)``. The context of a masked patch
+    comes from the backbone (its receptive field or attention), not from this head."""
+
+    def __init__(self, channels: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, hidden), nn.GELU(),
+                                 nn.Linear(hidden, channels))
+        self.apply(_init_linear)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.mlp(patches)

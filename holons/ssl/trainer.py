@@ -260,7 +260,8 @@ class Trainer:
             "total_steps": self.total_steps, "nan_steps": self.nan_steps,
             "student": {"backbone": s.encoder.backbone.model.state_dict(),
                         "loc_head": s.encoder.loc_head.state_dict(),
-                        "comp_head": s.comp_head.state_dict(), "dec_head": s.dec_head.state_dict()},
+                        "comp_head": s.comp_head.state_dict(), "dec_head": s.dec_head.state_dict(),
+                        **({"mask_head": s.mask_head.state_dict()} if s.mask_head is not None else {})},
             "teacher": {"backbone": self.teacher.backbone.model.state_dict(),
                         "loc_head": self.teacher.loc_head.state_dict()},
             "loss": self.loc_loss.state_dict(),
@@ -277,6 +278,8 @@ class Trainer:
             self.student.encoder.loc_head.load_state_dict(s["loc_head"])
             self.student.comp_head.load_state_dict(s["comp_head"])
             self.student.dec_head.load_state_dict(s["dec_head"])
+            if self.student.mask_head is not None and "mask_head" in s:  # else it starts afresh
+                self.student.mask_head.load_state_dict(s["mask_head"])
             self.teacher.backbone.model.load_state_dict(t["backbone"])
             self.teacher.loc_head.load_state_dict(t["loc_head"])
             self.loc_loss.load_state_dict(state["loss"])

@@ -4,7 +4,8 @@ Localizability stages train the DINO objective (:mod:`holons.ssl.methods.dino`).
 score every student crop against the teacher's distribution of the whole (global crops, whole-level
 local crops) or of the part it shows (part-local crops); the composition head rebuilds the teacher's
 embedding of the whole from the student's embeddings of its parts (``loss.w_comp``), and the
-decomposition head the parts' embeddings from the student's whole (``loss.w_dec``).
+decomposition head the parts' embeddings from the student's whole (``loss.w_dec``). Informed
+masking (``mask.enabled``) adds its terms in both kinds of stage.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from holons.ssl.methods.base import (
     view_counts,
 )
 from holons.ssl.methods.dino import localizability_losses
+from holons.ssl.methods.informed_masking import (
+    add_masking_losses,
+    informed_views,
+    masked_inputs,
+    student_call_args,
+)
 from holons.ssl.student import embed_grouped
 
 
@@ -48,9 +55,11 @@ def part_whole_losses(ctx: LossContext, v: Views, seg: Segment) -> Losses:
         s_in["parts"] = flat_views(ctx, v.parts)
     if dec_on:
         s_in["whole"] = ctx.normalize(v.whole)
+    masked = informed_views(ctx, v)
+    s_in.update(masked_inputs(masked))
     with ctx.autocast():
         s = ctx.model(s_in, project=("global", "local"), compose="parts" if comp_on else None,
-                      decompose="whole" if dec_on else None)
+                      decompose="whole" if dec_on else None, **student_call_args(masked))
     s_views = student_view_logits(s, b, n_g, n_l)
     teacher_logits = [t_whole_logits]
     probs = [ctx.loc_loss.teacher_probs(t_whole_logits)]
@@ -73,6 +82,7 @@ def part_whole_losses(ctx: LossContext, v: Views, seg: Segment) -> Losses:
         t_parts = t_emb["parts"].unflatten(0, (b, k2))
         terms["dec"] = decomposition_loss(s["decomposed"], t_parts, cfg.loss.embed_reduction)
         total = total + cfg.loss.w_dec * terms["dec"]
+    total = add_masking_losses(ctx, masked, s, total, terms)
     return finish(ctx, v, s, total, terms, out, teacher_logits)
 
 

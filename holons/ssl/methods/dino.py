@@ -3,7 +3,8 @@
 The student's global and local crops are trained to predict the EMA teacher's (centred, sharpened)
 prototype distribution of the other global crops. With CutMix between images (``views.cutmix``),
 a mixed local crop's target is the same mix of the two images' teacher distributions. Adam-v2 uses
-this objective for its localizability stages.
+this objective for its localizability stages. Informed masking (``mask.enabled``,
+:mod:`holons.ssl.methods.informed_masking`) adds its terms to it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from holons.ssl.methods.base import (
     student_view_logits,
     view_counts,
 )
+from holons.ssl.methods.informed_masking import (
+    add_masking_losses,
+    informed_views,
+    masked_inputs,
+    student_call_args,
+)
 
 
 def localizability_losses(ctx: LossContext, v: Views, seg: Segment) -> Losses:
@@ -31,9 +38,11 @@ def localizability_losses(ctx: LossContext, v: Views, seg: Segment) -> Losses:
     with torch.no_grad(), ctx.autocast():
         t_emb = ctx.teacher.backbone(flat_views(ctx, v.global_crops))
         t_logits = ctx.teacher.loc_head(t_emb).float().unflatten(0, (b, n_g))
+    masked = informed_views(ctx, v)
+    s_in = {"global": flat_views(ctx, v.global_crops), "local": flat_views(ctx, v.local_crops),
+            **masked_inputs(masked)}
     with ctx.autocast():
-        s = ctx.model({"global": flat_views(ctx, v.global_crops), "local": flat_views(ctx, v.local_crops)},
-                      project=("global", "local"))
+        s = ctx.model(s_in, project=("global", "local"), **student_call_args(masked))
     s_views = student_view_logits(s, b, n_g, n_l)
     t_views = split_views(t_logits)
     probs = [ctx.loc_loss.teacher_probs(t) for t in t_views]
@@ -47,8 +56,9 @@ def localizability_losses(ctx: LossContext, v: Views, seg: Segment) -> Losses:
             mixed_pairs.append((si, ti))
         pairs = mixed_pairs
     out = ctx.loc_loss(s_views, teacher_probs=probs, pairs=pairs)
-    total = ctx.cfg.loss.w_loc * out.loss
-    return finish(ctx, v, s, total, {"loc": out.loss}, out, t_views)
+    terms = {"loc": out.loss}
+    total = add_masking_losses(ctx, masked, s, ctx.cfg.loss.w_loc * out.loss, terms)
+    return finish(ctx, v, s, total, terms, out, t_views)
 
 
 def segments(cfg: PretrainConfig, steps_per_epoch: int) -> list[Segment]:
