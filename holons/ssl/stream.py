@@ -19,7 +19,8 @@ from holons.anatomy import ViewGenerator, Views
 from holons.errors import ConfigError, HolonsError
 from holons.ssl.config import PretrainConfig
 
-__all__ = ["BatchStream", "ImageFolderDataset", "build_dataset", "concat_views", "derive_seed", "draw_views"]
+__all__ = ["BatchStream", "ImageFolderDataset", "RankBatchSampler", "build_dataset", "concat_views",
+           "derive_seed", "draw_views", "epoch_order"]
 
 
 class ImageFolderDataset(Dataset):
@@ -77,11 +78,26 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-class _IndexBatches(torch.utils.data.Sampler):
-    """The local batches of one epoch from a starting step: rank ``r`` takes slice ``r`` of each
-    global batch of a (seed, epoch)-permutation (drop-last, so every step sees a full batch)."""
+class RankBatchSampler(torch.utils.data.Sampler):
+    """The local batches of one epoch for one global rank, from a starting step.
+
+    ``order`` is the epoch's permutation of the dataset (a function of (seed, epoch)); global batch
+    ``b`` is ``order[b * global_batch:(b + 1) * global_batch]`` and rank ``r`` of ``world`` takes its
+    ``r``-th contiguous slice of ``global_batch / world`` indices. The ranks' slices of a step are
+    disjoint and together make the global batch, whichever way the ranks are spread over nodes
+    (the global rank is all that counts). Drop-last: the ``len(order) % global_batch`` samples at the
+    end of the permutation are left out of that epoch, so every step sees a full batch; the
+    permutation changes each epoch, so a different remainder is left out each time. Within an epoch
+    no sample is seen twice on any rank or across ranks. The same (order, global batch) gives the
+    same global batches for any world size that divides the global batch, which is what lets a run
+    resume under another world size.
+    """
 
     def __init__(self, order: np.ndarray, start: int, global_batch: int, rank: int, world: int) -> None:
+        if global_batch % world:
+            raise ConfigError(f"data.batch_size={global_batch} must be divisible by the {world} ranks")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
         self.order, self.start, self.gb = order, start, global_batch
         self.local = global_batch // world
         self.offset = rank * self.local
@@ -94,6 +110,12 @@ class _IndexBatches(torch.utils.data.Sampler):
         for b in range(self.start, self.n):
             lo = b * self.gb + self.offset
             yield self.order[lo:lo + self.local].tolist()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of ``n`` samples in an epoch: a function of (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 0xDA7A))
+    return torch.randperm(n, generator=g).numpy()
 
 
 class BatchStream:
@@ -113,9 +135,8 @@ class BatchStream:
 
     def _epoch_loader(self) -> Iterator:
         epoch, pos = divmod(self.step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0xDA7A))
-        order = torch.randperm(len(self.dataset), generator=g).numpy()
-        sampler = _IndexBatches(order, pos, self.gb, self.rank, self.world)
+        sampler = RankBatchSampler(epoch_order(len(self.dataset), self.seed, epoch), pos, self.gb, self.rank,
+                                   self.world)
         return iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
                                pin_memory=self.pin, persistent_workers=False))
 
