@@ -41,11 +41,12 @@ KNOBS: dict[str, dict[str, Any]] = {
     "teacher_inference_mode": {"teacher_inference_mode": True},
     "uint8_transfer": {"uint8_transfer": True},
     "prefetch": {"prefetch": 2},
+    "lazy_timing": {"lazy_timing": True},
     "all_but_compile": {"channels_last": True, "adamw": "fused", "teacher_inference_mode": True,
-                        "uint8_transfer": True, "prefetch": 2},
+                        "uint8_transfer": True, "prefetch": 2, "lazy_timing": True},
     "compile": {"compile": True},
     "all": {"channels_last": True, "adamw": "fused", "teacher_inference_mode": True, "uint8_transfer": True,
-            "prefetch": 2, "compile": True},
+            "prefetch": 2, "lazy_timing": True, "compile": True},
 }
 
 

@@ -46,10 +46,13 @@ def _run_with(reference, tmp_path, **perf):
 
 
 @pytest.mark.parametrize("perf", [{"teacher_inference_mode": True}, {"uint8_transfer": True}, {"prefetch": 2},
-                                  {"teacher_inference_mode": True, "uint8_transfer": True, "prefetch": 1}])
+                                  {"teacher_inference_mode": True, "uint8_transfer": True, "prefetch": 1,
+                                   "lazy_timing": True}])
 def test_knobs_that_leave_the_numbers_equal(reference, tmp_path, perf):
     result, losses = _run_with(reference, tmp_path, **perf)
     assert losses == reference["losses"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time_fwd_bwd"] > 0 and r["img_per_s"] > 0 for r in rows)
     for name, w in result.student.state_dict().items():
         assert torch.equal(w, reference["weights"][name]), name
     for name, w in result.teacher.state_dict().items():

@@ -123,9 +123,11 @@ class CurriculumConfig:
 class PerfConfig:
     """Throughput knobs of the pretraining step (``holons.ssl.perf``). Each is off by default, which is
     the reference step (bit-exact resume on CPU); each on is tested on CPU to run and to leave the
-    numbers equal (``teacher_inference_mode``, ``uint8_transfer``, ``prefetch``) or within float
-    rounding (``channels_last``, ``compile``, ``adamw``). Keep on what measures faster on the target
-    machine (``benchmarks/bench_pretrain.py --only k``).
+    numbers equal (``teacher_inference_mode``, ``uint8_transfer``, ``prefetch``, ``lazy_timing``)
+    or within float rounding (``channels_last``, ``compile``, ``adamw``). Keep on what measures
+    faster on the target machine (``benchmarks/bench_pretrain.py --only f``,
+    ``tools/device_bench_pretrain.sh``). Not part of the experiment: a run may resume with other
+    knobs.
 
     - ``channels_last``: weights and every backbone input in NHWC (tensor cores' layout for convs).
     - ``compile``: ``torch.compile`` of the student (backbone + heads) and the teacher's backbone and
@@ -138,6 +140,10 @@ class PerfConfig:
       become [0, 1] floats on the device, where the views and intensity augmentation are drawn.
     - ``prefetch``: batches read ahead by a background thread (pinned on CUDA, copied
       asynchronously), so reading the cache overlaps the step.
+    - ``lazy_timing``: CUDA is synchronized for the step-time split only at the steps that close a
+      log window (4 host syncs per step fewer); the splits of the other steps are host times, and
+      a window's total (``img_per_s``) stays its wall time. One host read per step remains: the
+      all-reduced loss that decides whether a non-finite step is skipped.
     """
 
     channels_last: bool = False
@@ -149,6 +155,7 @@ class PerfConfig:
     uint8_transfer: bool = False
     prefetch: int = 0
     """Batches read ahead (0: read inside the step)."""
+    lazy_timing: bool = False
 
 
 @dataclass

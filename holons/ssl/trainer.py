@@ -225,12 +225,17 @@ class Trainer:
         """Total loss, its terms and diagnostics, and the teacher logits for the centre update."""
         return self.method.losses(self, v, seg)
 
+    def closes_window(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) is the last of a log window (the loop logs after it)."""
+        n = step + 1
+        return n % self.cfg.log_every == 0 or n == self.segment_at(step).end or n == self.cfg.max_steps
+
     def train_step(self, images: torch.Tensor, seg: Segment, stop_flag: bool
                    ) -> tuple[dict[str, float], bool]:
         """One optimizer step; returns the (rank-averaged) metrics and whether any rank asked to stop."""
         cfg, step = self.cfg, self.step
         torch.manual_seed(derive_seed(cfg.seed, step, self.info.rank, 0x6A0B))
-        timer = StepTimer(self.device)
+        timer = StepTimer(self.device, sync=not cfg.perf.lazy_timing or self.closes_window(step))
         images = to_unit_interval(images.to(self.device, non_blocking=True), self.max_value)
         timer.lap("transfer")
         v = self.make_views(images, seg, step)
