@@ -18,6 +18,9 @@ Four measurements, each against a reference taken in the same run:
   images) and paper sizes (224 / 96 px from 256 px images).
 - (d) peak memory of the cpu_tiny run of (a): max RSS (``resource.getrusage``) of the child process
   on CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+- (e) the bare backbone's achieved TFLOP/s against the measured matmul peak, and (f) samples/s of
+  localizability and part-whole steps with each ``perf`` knob on / off (``step_throughput.py``;
+  opt-in: ``--only ef``). Issue 22's device run: ``tools/device_bench_pretrain.sh``.
 
 Timings are medians over repeats. All timed work uses ``--threads`` torch threads (default 1: on
 a busy shared 2-core VM two threads spin-wait on each other and steps run 3-5x slower and erratic;
@@ -46,6 +49,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import step_throughput
 import torch
 import yaml
 
@@ -466,7 +470,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--views-batch-paper", type=int, default=16, help="(c) batch at 256 px -> 224/96")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: 2 threads on a shared 2-core VM are erratic; 0 = torch's)")
-    p.add_argument("--only", default="abcd", help="which parts to run, e.g. 'c' or 'ab' (d comes with a)")
+    p.add_argument("--only", default="abcd",
+                   help="which parts to run, e.g. 'c' or 'ab' (d comes with a; e and f only when named)")
+    step_throughput.add_arguments(p)
     p.add_argument("--json", type=Path, default=None, help="also write the result dict here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -491,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as tmp:
         work = Path(tmp)
-        if set(args.only) & set("abd"):
+        if set(args.only) & set("abdef"):
             t0 = time.perf_counter()
             cache = make_phantom_cache(work, args.n_images, args.cache_size)
             print(f"phantom cache: {args.n_images} images at {args.cache_size} px "
@@ -502,14 +508,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "b" in args.only:
                 res["overhead"] = bench_overhead(args, cache, work)
                 print("(b) done", flush=True)
+                step_throughput.write_json(args.json, res)
+            if "e" in args.only:
+                res["tflops"] = step_throughput.bench_bare_tflops(args, cache, work)
+                print("(e) done", flush=True)
+                step_throughput.write_json(args.json, res)
+            if "f" in args.only:
+                def record(knobs: dict[str, Any]) -> None:
+                    step_throughput.write_json(args.json, {**res, "knobs": knobs})
+
+                res["knobs"] = step_throughput.bench_knobs(args, cache, work, record)
         if "c" in args.only:
             res["views"] = bench_views(args)
             print("(c) done", flush=True)
     res["targets"] = _targets(res)
     print()
     print_report(res)
-    if args.json is not None:
-        args.json.write_text(json.dumps(res, indent=2, default=str))
+    step_throughput.print_tables(res)
+    step_throughput.write_json(args.json, res)
     return res
 
 

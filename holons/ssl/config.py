@@ -152,6 +152,45 @@ class CurriculumConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Throughput knobs of the pretraining step (``holons.ssl.perf``). Each is off by default, which is
+    the reference step (bit-exact resume on CPU); each on is tested on CPU to run and to leave the
+    numbers equal (``teacher_inference_mode``, ``uint8_transfer``, ``prefetch``, ``lazy_timing``)
+    or within float rounding (``channels_last``, ``compile``, ``adamw``). Keep on what measures
+    faster on the target machine (``benchmarks/bench_pretrain.py --only f``,
+    ``tools/device_bench_pretrain.sh``). Not part of the experiment: a run may resume with other
+    knobs.
+
+    - ``channels_last``: weights and every backbone input in NHWC (tensor cores' layout for convs).
+    - ``compile``: ``torch.compile`` of the student (backbone + heads) and the teacher's backbone and
+      head; when compiling fails, one warning and the run continues uncompiled.
+      ``compile_backend`` / ``compile_mode``: torch.compile's ``backend`` / ``mode``.
+    - ``adamw``: ``default`` (torch's choice), ``foreach`` (multi-tensor) or ``fused`` (one kernel).
+    - ``teacher_inference_mode``: the teacher forward under ``torch.inference_mode`` and, on CUDA,
+      bf16 autocast whatever ``amp`` says.
+    - ``uint8_transfer``: batches travel as the stored integers (4x fewer bytes than float32) and
+      become [0, 1] floats on the device, where the views and intensity augmentation are drawn.
+    - ``prefetch``: batches read ahead by a background thread (pinned on CUDA, copied
+      asynchronously), so reading the cache overlaps the step.
+    - ``lazy_timing``: CUDA is synchronized for the step-time split only at the steps that close a
+      log window (4 host syncs per step fewer); the splits of the other steps are host times, and
+      a window's total (``img_per_s``) stays its wall time. One host read per step remains: the
+      all-reduced loss that decides whether a non-finite step is skipped.
+    """
+
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+    adamw: Literal["default", "foreach", "fused"] = "default"
+    teacher_inference_mode: bool = False
+    uint8_transfer: bool = False
+    prefetch: int = 0
+    """Batches read ahead (0: read inside the step)."""
+    lazy_timing: bool = False
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: the loss is set to NaN at these global steps."""
 
@@ -188,6 +227,7 @@ class PretrainConfig:
     max_nan_steps: int = 20
     max_steps: int | None = None
     init_from: str | None = None
+    perf: PerfConfig = field(default_factory=PerfConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
@@ -246,6 +286,8 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"mask.predictor_hidden must be >= 1, got {m.predictor_hidden}")
     if cfg.optim.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad must be > 0, got {cfg.optim.clip_grad}")
+    if cfg.perf.prefetch < 0:
+        raise ConfigError(f"perf.prefetch must be >= 0, got {cfg.perf.prefetch}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
 
@@ -269,7 +311,7 @@ def curriculum_segments(cfg: PretrainConfig, steps_per_epoch: int) -> list[Segme
 
 # Keys a run may change when it is resumed (run control, not the experiment).
 RUN_CONTROL_KEYS = ("init_from", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "debug",
-                    "max_nan_steps", "tensorboard")
+                    "max_nan_steps", "tensorboard", "perf")
 # Config keys until they became arguments (pretrain(resume=, overwrite=), --resume / --overwrite).
 RUN_FLAGS = ("resume", "overwrite")
 

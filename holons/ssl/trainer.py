@@ -61,9 +61,18 @@ from holons.ssl.config import RUN_CONTROL_KEYS, PretrainConfig, Segment, resolve
 from holons.ssl.losses import LocalizabilityLoss
 from holons.ssl.methods import Losses, get_method
 from holons.ssl.optim import clip_gradients_per_tensor, param_groups, set_lr, set_weight_decay
+from holons.ssl.perf import (
+    CompileFallback,
+    adamw_options,
+    apply_channels_last,
+    channels_last_input,
+    compile_forwards,
+    teacher_inference_forwards,
+    to_unit_interval,
+)
 from holons.ssl.schedules import lr_schedule, momentum_schedule, scaled_lr, weight_decay_schedule
 from holons.ssl.step_record import StepTimer, summary_line, window_record
-from holons.ssl.stream import BatchStream, build_dataset, derive_seed, draw_views
+from holons.ssl.stream import BatchStream, build_dataset, derive_seed, draw_views, stored_max_value
 from holons.ssl.student import build_student
 from holons.ssl.teacher import make_teacher, update_teacher
 
@@ -118,10 +127,12 @@ class Trainer:
         self.loc_loss = LocalizabilityLoss(cfg.model.out_dim, cfg.loss.teacher_temp, cfg.loss.student_temp,
                                            cfg.loss.center_momentum, cfg.loss.centering,
                                            cfg.loss.sinkhorn_iters).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.weight_decay),
-                                           lr=0.0, betas=tuple(cfg.optim.betas))
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.weight_decay), lr=0.0,
+                                           betas=tuple(cfg.optim.betas), **adamw_options(cfg.perf.adamw))
         self.views = ViewGenerator(cfg.views)
         self.dataset = build_dataset(cfg)
+        self.max_value = stored_max_value(self.dataset)
+        self.compiled = self._apply_perf()
         self.steps_per_epoch = len(self.dataset) // cfg.data.batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {len(self.dataset)} "
@@ -137,6 +148,17 @@ class Trainer:
         self.model: nn.Module = self.student
         self._stage_mode: str | None = None
         self._schedules: dict[int, dict[str, np.ndarray]] = {}
+
+    def _apply_perf(self) -> CompileFallback | None:
+        """The ``perf`` knobs that change the modules (``holons.ssl.perf``); the compiled forwards."""
+        p = self.cfg.perf
+        if p.channels_last:
+            apply_channels_last(self.student, self.teacher)
+        compiled = compile_forwards((self.student, self.teacher.backbone, self.teacher.loc_head), p) if (
+            p.compile) else None
+        if p.teacher_inference_mode:
+            teacher_inference_forwards((self.teacher.backbone, self.teacher.loc_head), self.device)
+        return compiled
 
     # ------------------------------------------------------------------ schedules
     def _stage_bounds(self, stage: int) -> tuple[int, int]:
@@ -185,7 +207,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.cfg.data.mean) / self.cfg.data.std
+        x = (x - self.cfg.data.mean) / self.cfg.data.std
+        return channels_last_input(x) if self.cfg.perf.channels_last else x
 
     def make_views(self, images: torch.Tensor, seg: Segment, step: int) -> Views:
         """Views of the local batch, slice by slice, each slice from its own seeded generator."""
@@ -202,13 +225,18 @@ class Trainer:
         """Total loss, its terms and diagnostics, and the teacher logits for the centre update."""
         return self.method.losses(self, v, seg)
 
+    def closes_window(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) is the last of a log window (the loop logs after it)."""
+        n = step + 1
+        return n % self.cfg.log_every == 0 or n == self.segment_at(step).end or n == self.cfg.max_steps
+
     def train_step(self, images: torch.Tensor, seg: Segment, stop_flag: bool
                    ) -> tuple[dict[str, float], bool]:
         """One optimizer step; returns the (rank-averaged) metrics and whether any rank asked to stop."""
         cfg, step = self.cfg, self.step
         torch.manual_seed(derive_seed(cfg.seed, step, self.info.rank, 0x6A0B))
-        timer = StepTimer(self.device)
-        images = images.to(self.device, non_blocking=True)
+        timer = StepTimer(self.device, sync=not cfg.perf.lazy_timing or self.closes_window(step))
+        images = to_unit_interval(images.to(self.device, non_blocking=True), self.max_value)
         timer.lap("transfer")
         v = self.make_views(images, seg, step)
         timer.lap("views")
@@ -393,7 +421,7 @@ def _loop(tr: Trainer, record: RunLog, show_bar: bool) -> PretrainResult:
     end = tr.total_steps if cfg.max_steps is None else min(tr.total_steps, cfg.max_steps)
     boundaries = {s.end for s in tr.segments}
     stream = BatchStream(tr.dataset, cfg.data.batch_size, cfg.seed, info.rank, info.world_size,
-                         cfg.data.num_workers, tr.step, tr.device.type == "cuda")
+                         cfg.data.num_workers, tr.step, tr.device.type == "cuda", cfg.perf.prefetch)
     bar = None
     if show_bar:
         from tqdm import tqdm
@@ -440,6 +468,7 @@ def _loop(tr: Trainer, record: RunLog, show_bar: bool) -> PretrainResult:
                 break
             if tr.step % cfg.checkpoint_every == 0 or tr.step in boundaries or tr.step == end:
                 tr.save(boundaries)
+    stream.close()
     if bar is not None:
         bar.close()
     if status == "finished" and tr.step < tr.total_steps:
