@@ -345,6 +345,13 @@ def test_cli_trains_predicts_and_evaluates(phantoms, tmp_path, capsys):
     assert list(boxes.columns[:2]) == ["image", "map_class"] and len(boxes) == 1
     with Image.open(tmp_path / "p" / "maps" / f"{image.stem}.png") as im:
         assert im.size == (40, 40)
+    folder = tmp_path / "mixed"  # a folder with an unreadable file: reported, skipped, the rest predicted
+    folder.mkdir()
+    (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "q")]) == 0
+    assert len(pd.read_csv(tmp_path / "q" / "boxes.csv")) == 1
+    assert "broken.png" in capsys.readouterr().err
     assert main(["evaluate", "localize", "--model", str(run), "--data", str(phantoms),
                  "--out", str(tmp_path / "e")]) == 0
     summary = json.loads((tmp_path / "e" / "results.json").read_text())

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from holons.data.formats import detect_format
 from holons.data.image import describe_error
 from holons.data.preprocess import Geometry
-from holons.data.readers import read_image
 from holons.errors import HolonsError
 from holons.files import atomic_write
 from holons.finetune.inputs import READ_ERRORS
@@ -209,18 +208,12 @@ def _predict_localizer(folder: str | Path, images: str | Path, *, out: str | Pat
     image in the source geometry (``holons.finetune.localize.predict``); unreadable files skipped."""
     from holons.finetune.localize.predict import predict_maps, write_predictions
 
-    readable, skipped = [], []
-    for path in list_images(images):
-        try:
-            read_image(path)
-        except READ_ERRORS as e:
-            skipped.append((str(path), describe_error(e)))
-            if report is not None:
-                report(f"skipped {path}: {skipped[-1][1]}")
-            continue
-        readable.append(path)
-    prediction = predict_maps(folder, readable, batch_size=batch_size, device=device or "auto",
-                              progress=progress_enabled(progress))
+    skipped: list[tuple[str, str]] = []
+    prediction = predict_maps(folder, list_images(images), batch_size=batch_size, device=device or "auto",
+                              progress=progress_enabled(progress), skipped=skipped)
+    if report is not None:
+        for path, reason in skipped:
+            report(f"skipped {path}: {reason}")
     table = write_predictions(prediction, out)
     return PredictResult(out=Path(out), table=table, predicted=len(prediction.names), skipped=skipped)
 

@@ -20,9 +20,11 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from holons.data.image import describe_error
 from holons.data.preprocess import Geometry
 from holons.errors import HolonsError
 from holons.files import atomic_path, atomic_write
+from holons.finetune.inputs import READ_ERRORS
 from holons.finetune.localize.folder import load_localizer
 from holons.runs import resolve_device
 
@@ -64,24 +66,37 @@ def _prepare(item: str | Path | np.ndarray, preprocessing) -> tuple[np.ndarray, 
 @torch.no_grad()
 def predict_maps(model_folder: str | Path, images: Sequence[str | Path | np.ndarray], *,
                  target: Sequence[int] | None = None, box_fraction: float = 0.5, batch_size: int = 16,
-                 device: str = "auto", progress: bool = False) -> MapPrediction:
+                 device: str = "auto", progress: bool = False,
+                 skipped: list[tuple[str, str]] | None = None) -> MapPrediction:
     """Maps and boxes of ``images`` (files, or ``H x W`` arrays in [0, 1]) from the folder's model;
-    ``target`` gives the class whose map to draw per image (default: the predicted class)."""
+    ``target`` gives the class whose map to draw per image (default: the predicted class).
+    ``skipped``: a list that collects (path, reason) of unreadable files, which are then left out
+    (each image is decoded once); without it an unreadable file raises."""
     if not 0 < box_fraction < 1:
         raise HolonsError(f"box_fraction must be within (0, 1), got {box_fraction}")
     if target is not None and len(target) != len(images):
         raise HolonsError(f"target has {len(target)} classes for {len(images)} images")
     dev = resolve_device(device)
     loaded = load_localizer(model_folder, dev)
-    names = [f"image_{i}" if isinstance(item, np.ndarray) else Path(item).name
-             for i, item in enumerate(images)]
-    maps, boxes, chosen, probs = [], [], [], []
+    names, maps, boxes, chosen, probs = [], [], [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc="localize", disable=not progress):
-        prepared = [_prepare(item, loaded.preprocessing) for item in images[start:start + batch_size]]
+        prepared, kept = [], []
+        for i in range(start, min(start + batch_size, len(images))):
+            try:
+                prepared.append(_prepare(images[i], loaded.preprocessing))
+            except READ_ERRORS as e:
+                if skipped is None:
+                    raise
+                skipped.append((str(images[i]), describe_error(e)))
+                continue
+            kept.append(i)
+        if not kept:
+            continue
+        names += [f"image_{i}" if isinstance(images[i], np.ndarray) else Path(images[i]).name for i in kept]
         x = torch.from_numpy(np.stack([c for c, _ in prepared]))[:, None].to(dev)
         p = loaded.module.logits(x).softmax(dim=1)
         which = p.argmax(dim=1) if target is None else torch.as_tensor(
-            [int(t) for t in target[start:start + len(prepared)]], device=dev)
+            [int(target[i]) for i in kept], device=dev)
         canvas_maps = loaded.module.localization_map(x, which).cpu().numpy()
         for m, (_, geometry) in zip(canvas_maps, prepared, strict=True):
             source = np.clip(geometry.map_to_source(m), 0.0, 1.0)
