@@ -78,3 +78,19 @@ def shared_data_root() -> Path | None:
         if p.is_dir():
             return p
     return None
+
+
+def read_model_config(folder: str | os.PathLike, *, weights: str, config: str, what: str) -> dict:
+    """The JSON ``config`` of a model folder that must also hold ``weights``; one clear error (a
+    ``HolonsError`` naming ``what`` the folder should be) when either is missing or unreadable."""
+    import json
+
+    from holons.errors import HolonsError
+
+    folder = Path(folder)
+    if not (folder / config).is_file() or not (folder / weights).is_file():
+        raise HolonsError(f"{folder} is not {what} (needs {weights} and {config})")
+    try:
+        return json.loads((folder / config).read_text())
+    except ValueError as e:
+        raise HolonsError(f"{folder / config} is not valid JSON: {e}") from e

@@ -26,7 +26,7 @@ from torch import nn
 
 from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
-from holons.files import atomic_path, atomic_write
+from holons.files import atomic_path, atomic_write, read_model_config
 from holons.finetune.backbones import to_input
 from holons.finetune.heads import Classifier, Segmenter
 from holons.ssl.backbone import create_backbone
@@ -157,12 +157,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Radiog
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise HolonsError(f"{folder} is not a model folder (needs {WEIGHTS_FILE} and {CONFIG_FILE})")
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except ValueError as e:
-        raise HolonsError(f"{folder / CONFIG_FILE} is not valid JSON: {e}") from e
+    meta = read_model_config(folder, weights=WEIGHTS_FILE, config=CONFIG_FILE, what="a model folder")
     if meta.get("format") != FORMAT:
         raise HolonsError(f"{folder} is not a radiograph model folder (format {meta.get('format')!r}, "
                           f"expected {FORMAT!r}; karyotype models load with `holons karyotype predict`)")

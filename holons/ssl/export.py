@@ -23,7 +23,7 @@ from torch import nn
 
 from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
-from holons.files import atomic_path, atomic_write
+from holons.files import atomic_path, atomic_write, read_model_config
 from holons.runs import load_checkpoint, resolve_checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
@@ -162,11 +162,8 @@ def load_foundation(path: str | Path, **kwargs) -> nn.Module:
     from holons.ssl.backbone import create_backbone
 
     folder = Path(path)
-    cfg_file = folder / CONFIG_NAME
-    if not cfg_file.is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise HolonsError(f"{folder} is not an exported foundation folder "
-                          f"(needs {WEIGHTS_NAME} and {CONFIG_NAME})")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_model_config(folder, weights=WEIGHTS_NAME, config=CONFIG_NAME,
+                            what="an exported foundation folder")
     in_chans = int(cfg.get("model_args", {}).get("in_chans", 1))
     return create_backbone(cfg["architecture"], in_chans=in_chans, pretrained_dir=folder, **kwargs)
 

@@ -17,7 +17,7 @@ import torch
 
 from holons.data.preprocess import Preprocessing
 from holons.errors import HolonsError
-from holons.files import atomic_path, atomic_write
+from holons.files import atomic_path, atomic_write, read_model_config
 from holons.finetune.localize import build_localizer
 from holons.finetune.localize.base import Localizer
 from holons.ssl.backbone import create_backbone
@@ -65,13 +65,10 @@ def load_localizer(folder: str | Path, device: str | torch.device = "cpu") -> Lo
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg_file = folder / CONFIG_FILE
-    if not cfg_file.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise HolonsError(f"{folder} is not a localizer model folder "
-                          f"(needs {WEIGHTS_FILE} and {CONFIG_FILE})")
-    meta = json.loads(cfg_file.read_text())
+    meta = read_model_config(folder, weights=WEIGHTS_FILE, config=CONFIG_FILE,
+                             what="a localizer model folder")
     if meta.get("format") != FORMAT:
-        raise HolonsError(f"{cfg_file} is not a localizer model (format {meta.get('format')!r}, "
+        raise HolonsError(f"{folder / CONFIG_FILE} is not a localizer model (format {meta.get('format')!r}, "
                           f"expected {FORMAT})")
     backbone = create_backbone(meta["architecture"], in_chans=1, **meta["backbone_args"])
     module = build_localizer(meta["method"], backbone, len(meta["classes"]),
