@@ -113,11 +113,12 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_config(base: dict, extra: dict) -> dict:
+    """``extra`` laid over ``base``, nested mappings merged key by key (neither is changed)."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_config(out[k], v)
         else:
             out[k] = v
     return out
@@ -142,7 +143,7 @@ def load_config(cls: type[T], path: str | Path | dict | None = None,
     unknown keys are errors."""
     data = to_dict(cls())
     if isinstance(path, dict):
-        data = _merge(data, path)
+        data = merge_config(data, path)
     elif path is not None:
         path = Path(path)
         if not path.is_file():
@@ -153,10 +154,10 @@ def load_config(cls: type[T], path: str | Path | dict | None = None,
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        data = _merge(data, loaded)
+        data = merge_config(data, loaded)
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        data = _merge(data, extra)
+        data = merge_config(data, extra)
     return _build(cls, data)
 
 

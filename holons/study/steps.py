@@ -169,7 +169,7 @@ def budget_config(config: str | Path, steps: int, seed: int, cache: str | Path |
     """The YAML ``config`` < the run's seed, device, cache (train split) and batch < ``overrides``, its
     curriculum rewritten to ``steps`` (``method: dino`` collapses it into one stage of that length).
     ``cache=None`` keeps the config's data source."""
-    from holons.config import _merge, parse_overrides
+    from holons.config import merge_config, parse_overrides
 
     cfg = yaml.safe_load(Path(config).read_text())
     run: dict[str, Any] = {"seed": seed, "device": device, "data": {}}
@@ -177,7 +177,8 @@ def budget_config(config: str | Path, steps: int, seed: int, cache: str | Path |
         run["data"].update(cache_dir=str(cache), split="train")
     if batch_size:
         run["data"]["batch_size"] = batch_size
-    return rewrite_curriculum(_merge(_merge(cfg, run), parse_overrides(list(overrides or []))), steps)
+    merged = merge_config(merge_config(cfg, run), parse_overrides(list(overrides or [])))
+    return rewrite_curriculum(merged, steps)
 
 
 def comparable_config(cfg: dict[str, Any]) -> dict[str, Any]:
