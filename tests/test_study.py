@@ -125,6 +125,15 @@ def test_the_mean_rule_with_a_margin_and_once_arms():
     assert verdict(Verdict("b", "a", "mean", 0.05), pooled, "score", False)["result"] is True
 
 
+def test_the_noninferior_rule_allows_a_loss_up_to_the_margin():
+    spec = load_spec(_spec(arms={"a": ["true"], "b": ["true"]}))
+    pooled = pool(spec, _states({"a": [0.97], "b": [0.98]}))
+    near = verdict(Verdict("a", "b", "noninferior", 0.02), pooled, "score", higher_is_better=True)
+    assert near["gain"] == pytest.approx(-0.01) and near["threshold"] == pytest.approx(-0.0196)
+    assert near["result"] is True  # one point worse, within 2 % of 0.98
+    assert verdict(Verdict("a", "b", "noninferior", 0.005), pooled, "score", True)["result"] is False
+
+
 # --------------------------------------------------------------------------- running
 def test_a_study_runs_its_jobs_and_writes_the_record(tmp_path, capsys):
     from holons.cli import main

@@ -59,7 +59,8 @@ def verdict(rule: Verdict, pooled: dict[str, dict[str, dict[str, Any]]], metric:
 
     ``gain`` is the difference of the means, signed so that positive is better. Rule ``spread``: the
     gain must exceed ``threshold``, the larger of the two sample sds over seeds. Rule ``mean``: it
-    must exceed ``margin`` times the other arm's mean (absolute value).
+    must exceed ``margin`` times the other arm's mean (absolute value). Rule ``noninferior``: it must
+    exceed minus that (``arm`` is at most ``margin`` of the other's mean worse).
     """
     entry: dict[str, Any] = {"arm": rule.arm, "beats": rule.beats, "metric": metric, "rule": rule.rule,
                              "gain": None, "threshold": None, "result": None}
@@ -72,7 +73,7 @@ def verdict(rule: Verdict, pooled: dict[str, dict[str, dict[str, Any]]], metric:
         threshold = max(0.0 if math.isnan(a["sd"]) else a["sd"], 0.0 if math.isnan(b["sd"]) else b["sd"])
         result = bool(gain > threshold) if min(a["n"], b["n"]) > 1 else None
     else:
-        threshold = rule.margin * abs(b["mean"])
+        threshold = rule.margin * abs(b["mean"]) * (-1.0 if rule.rule == "noninferior" else 1.0)
         result = bool(gain > threshold)
     entry.update(gain=gain, threshold=threshold, result=result, paired=paired(a, b, higher_is_better))
     return entry

@@ -90,9 +90,10 @@ def markdown(record: dict[str, Any], spec: StudySpec) -> str:
     if record["verdicts"]:
         lines += ["", f"Verdicts on {spec.primary}:"]
         for v in record["verdicts"]:
-            how = ("gain over the larger seed sd" if v["rule"] == "spread"
-                   else "gain over the margin")
-            text = f"- {v['arm']} beats {v['beats']}: {_WORDS[v['result']]}"
+            how = {"spread": "gain over the larger seed sd", "mean": "gain over the margin",
+                   "noninferior": "no loss beyond the margin"}[v["rule"]]
+            relation = "no worse than" if v["rule"] == "noninferior" else "beats"
+            text = f"- {v['arm']} {relation} {v['beats']}: {_WORDS[v['result']]}"
             if v["gain"] is not None:
                 text += f" (gain {v['gain']:+.4g}, threshold {v['threshold']:.4g}: {how}"
                 p = v.get("paired")

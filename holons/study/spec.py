@@ -23,13 +23,15 @@ in its own folder. Example::
         steps:
           - {call: "holons.study.steps:pretrain_for_steps", args: {config: ..., seed: "{seed}"}}
     verdicts:
-      - {arm: b, beats: a}                         # rule spread (default), or mean with a margin
+      - {arm: b, beats: a}                         # rule spread (default), mean or noninferior
 
 Steps: a string (split like a shell would, without one), an argv list, ``{run: ...}`` or
 ``{call: "module:function", args: {...}}`` (run in a child process by ``holons.study.call``). An argv
 starting with ``holons`` or ``python`` runs with this Python. Placeholders ``{name}`` are replaced by
 the job's values (``seed``, ``arm``, ``job`` its folder, ``out`` the study folder, ``threads``,
-``python``, ``repo`` the folder holding the ``holons`` package) and by ``vars``; an argv item that is
+``python``, ``repo`` the folder holding the ``holons`` package, ``data`` the shared data folder:
+``$HOLONS_DATA``, else ``../shared/data``, else the literal text ``$HOLONS_DATA`` so that a step using it
+fails naming it) and by ``vars``; an argv item that is
 exactly ``{name}`` of a list variable becomes the list's items (in argvs and in call arguments). An
 unknown key or placeholder is named in the error.
 """
@@ -48,6 +50,7 @@ from typing import Any
 import yaml
 
 from holons.errors import ConfigError
+from holons.files import shared_data_root
 
 __all__ = ["Step", "Job", "Metric", "Verdict", "StudySpec", "load_spec", "expand_jobs", "REPO"]
 
@@ -59,9 +62,10 @@ _TOP_KEYS = {"name", "claim", "description", "primary", "metrics", "metrics_file
 _ARM_KEYS = {"steps", "vars", "once"}
 _METRIC_KEYS = {"key", "file", "goal"}
 _VERDICT_KEYS = {"arm", "beats", "rule", "margin"}
-RULES = ("spread", "mean")
+RULES = ("spread", "mean", "noninferior")
 """``spread``: the arm's mean is better by more than the larger of the two seed sds (undecided with
-one seed); ``mean``: better by more than ``margin`` (a fraction of the other arm's mean, default 0)."""
+one seed); ``mean``: better by more than ``margin`` (a fraction of the other arm's mean, default 0);
+``noninferior``: not worse by more than ``margin`` (the same fraction), e.g. "within 2 % of the reference"."""
 
 
 @dataclass(frozen=True)
@@ -309,7 +313,9 @@ def resolve_step(step: Any, values: dict[str, Any], where: str) -> Step:
 def base_values(spec: StudySpec, out: Path) -> dict[str, Any]:
     """The placeholders every step knows, before the arm's and seed's own (``vars`` may use the
     built-in ones, e.g. ``{repo}/configs/...``)."""
-    builtin = {"out": str(out), "threads": spec.threads, "python": sys.executable, "repo": str(REPO)}
+    root = shared_data_root()
+    builtin = {"out": str(out), "threads": spec.threads, "python": sys.executable, "repo": str(REPO),
+               "data": str(root) if root is not None else "$HOLONS_DATA"}
     return {**_fill(spec.vars, {**spec.vars, **builtin}, "vars"), **builtin}
 
 

@@ -9,7 +9,9 @@ interrupted pretraining or karyotype run continues from its last checkpoint.
 - ``pretrain_for_steps``: a pretraining config with its curriculum rewritten to a step budget;
 - ``evaluate_weights``: ``holons.eval.report.compare`` of one weight set, its means over evaluation
   seeds written to ``metrics.json``;
-- ``karyotype_train``: ``train_karyotype`` with reuse / resume.
+- ``karyotype_train``: ``train_karyotype`` with reuse / resume;
+- ``select_rows``: the rows of a manifest with one column value (e.g. karyonet's G-band images), paths
+  made absolute so that the shared data folder stays read-only.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from holons.files import atomic_write, shared_data_root
 
 __all__ = ["prepare_phantoms", "prepare_radiographs", "pretraining_sources", "rewrite_curriculum",
            "curriculum_steps", "budget_config", "comparable_config", "pretrain_for_steps", "evaluate_weights",
-           "karyotype_train", "data_path"]
+           "karyotype_train", "select_rows", "data_path"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 JSRT = "jsrt_scr"
@@ -274,3 +276,18 @@ def karyotype_train(config: str, manifest: str, out: str, overrides: list[str] |
                         overwrite=started and not checkpoints)
     except KaryotypeInterrupted as e:
         raise SystemExit(128 + e.signum) from e
+
+
+def select_rows(manifest: str, out: str, column: str, value: str) -> None:
+    """``out``: the rows of the CSV ``manifest`` whose ``column`` equals ``value``, ``path`` made absolute."""
+    source = data_path(manifest)
+    table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    if column not in table.columns or "path" not in table.columns:
+        raise HolonsError(f"{source} has no {column!r} or 'path' column")
+    rows = table[table[column] == value].copy()
+    if rows.empty:
+        raise HolonsError(f"{source}: no row has {column} = {value!r}")
+    rows["path"] = [str((source.parent / p).resolve()) for p in rows["path"]]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(Path(out), "w") as f:
+        rows.to_csv(f, index=False)
