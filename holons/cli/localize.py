@@ -1,6 +1,7 @@
 """Weakly supervised localization on the command line: ``holons finetune localize`` (train) and
-``holons evaluate localize`` (score on boxes); ``holons predict`` writes a localizer's maps and boxes.
-Each calls one API function (``holons.finetune.localize.train``, ``holons.eval.localize_metrics``).
+``holons evaluate localize`` (score on boxes), ``holons evaluate localize-maps`` (a picture of several
+localizers' maps); ``holons predict`` writes a localizer's maps and boxes. Each calls one API function
+(``holons.finetune.localize.train``, ``holons.eval.localize_metrics``, ``holons.eval.localize_figure``).
 
 The method names are listed here rather than read from the registry so that ``holons --help`` does
 not import torch (a test checks that both lists agree).
@@ -46,6 +47,16 @@ def add_evaluate_localize(protocols: argparse._SubParsersAction) -> None:
                    help="pointing game: grow boxes by this many pixels (default 0)")
     e.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, ...")
     e.set_defaults(func=_cmd_evaluate)
+    m = protocols.add_parser("localize-maps", help="a PNG of several localizers' maps and boxes side by side "
+                             "on a few held-out images")
+    m.add_argument("--model", nargs="+", required=True, metavar="NAME=FOLDER",
+                   help="localizer folders (`finetune localize`), each with the column title to show")
+    m.add_argument("--data", type=Path, required=True, help="phantoms folder, JSRT folder or manifest CSV")
+    m.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    m.add_argument("--split", default=None, help="split to draw from (default: test, else val, else all)")
+    m.add_argument("--images", type=int, default=4, help="images (rows) with a true box (default 4)")
+    m.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, ...")
+    m.set_defaults(func=_cmd_maps)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -66,4 +77,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                       tolerance=args.tolerance, device=args.device)
     print(format_localize([summary]))
     print(f"wrote {args.out / 'results.json'}")
+    return 0
+
+
+def _cmd_maps(args: argparse.Namespace) -> int:
+    from holons.errors import HolonsError
+    from holons.eval.localize_figure import draw_localization_maps
+
+    models = dict(item.partition("=")[::2] for item in args.model)
+    bad = [k for k, v in models.items() if not k or not v]
+    if bad or len(models) != len(args.model):
+        raise HolonsError(f"--model takes distinct NAME=FOLDER items, got {args.model}")
+    out = draw_localization_maps(models, args.data, args.out, split=args.split, images=args.images,
+                                 device=args.device)
+    print(f"wrote {out}")
     return 0
