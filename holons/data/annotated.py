@@ -37,6 +37,7 @@ from PIL import Image
 from holons.data.formats import detect_format
 from holons.data.preprocess import Geometry
 from holons.data.readers import read_image
+from holons.data.weak_labels import JSRT_PIXEL_MM, circle_box, mask_box
 from holons.errors import HolonsError
 
 __all__ = [
@@ -49,7 +50,6 @@ STRUCTURES = ("right_lung", "left_lung", "heart", "right_clavicle", "left_clavic
 """JSRT/SCR's five structures (and the phantoms'); the landmarks come in these."""
 LANDMARK_KEYS = {"right_lung": "RL", "left_lung": "LL", "heart": "H", "right_clavicle": "RCLA",
                  "left_clavicle": "LCLA"}
-JSRT_PIXEL_MM = 0.35  # pixel size of JSRT's 1024 px frame
 _ID_COLUMNS = ("image", "id")
 _SPLIT_COLUMNS = ("hybridgnet_split", "split")
 _PATIENT_COLUMNS = ("patient_id", "patientid")
@@ -281,16 +281,11 @@ class LocalizationSet:
     def boxes(self, task: str, i: int) -> np.ndarray:
         row = self.data.table.loc[self.data.table["id"] == self.ids[i]].iloc[0]
         if task == "cardiomegaly":
-            ys, xs = np.nonzero(self.data.masks(self.ids[i], ["heart"])[0])
-            if not len(xs):
-                return np.zeros((0, 4))
-            return np.array([[xs.min() - 0.5, ys.min() - 0.5, xs.max() + 0.5, ys.max() + 0.5]])
+            return mask_box(self.data.masks(self.ids[i], ["heart"])[0])
         if self.name == "jsrt":
-            x, y = float(row["nodule_x_1024"]), float(row["nodule_y_1024"])
-            r = float(row["nodule_size_mm"]) / JSRT_PIXEL_MM / 2
-        else:
-            x, y, r = float(row["nodule_x"]), float(row["nodule_y"]), float(row["nodule_size"]) / 2
-        return np.array([[x - r, y - r, x + r, y + r]])
+            return circle_box(float(row["nodule_x_1024"]), float(row["nodule_y_1024"]),
+                              float(row["nodule_size_mm"]) / JSRT_PIXEL_MM)
+        return circle_box(float(row["nodule_x"]), float(row["nodule_y"]), float(row["nodule_size"]))
 
 
 def _flag(values: pd.Series) -> np.ndarray:

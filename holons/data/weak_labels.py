@@ -28,7 +28,8 @@ from PIL import Image
 
 from holons.errors import HolonsError
 
-__all__ = ["JSRT_PIXEL_MM", "ABSENT_PRESENT", "PHANTOM_FINDINGS", "WeakLabelSet", "load_weak_label_set"]
+__all__ = ["JSRT_PIXEL_MM", "ABSENT_PRESENT", "PHANTOM_FINDINGS", "WeakLabelSet", "load_weak_label_set",
+           "circle_box", "mask_box"]
 
 JSRT_PIXEL_MM = 0.35  # pixel size of JSRT's 1024 px frame
 ABSENT_PRESENT = ("absent", "present")
@@ -60,17 +61,23 @@ def _flags(values: pd.Series) -> np.ndarray:
     return (pd.to_numeric(values, errors="coerce").fillna(0).to_numpy() > 0).astype(int)
 
 
-def _heart_box(mask_file: Path) -> np.ndarray:
-    with Image.open(mask_file) as im:
-        ys, xs = np.nonzero(np.asarray(im.convert("L")) > 127)
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """The box (1 x 4: x0, y0, x1, y1 at pixel edges) around a binary mask's pixels; 0 x 4 when empty."""
+    ys, xs = np.nonzero(mask)
     if not len(xs):
         return np.zeros((0, 4))
     return np.array([[xs.min() - 0.5, ys.min() - 0.5, xs.max() + 0.5, ys.max() + 0.5]])
 
 
-def _circle_box(x: float, y: float, diameter: float) -> np.ndarray:
+def circle_box(x: float, y: float, diameter: float) -> np.ndarray:
+    """The box (1 x 4) around a round finding of centre (x, y) and ``diameter``, in pixels."""
     r = diameter / 2
     return np.array([[x - r, y - r, x + r, y + r]])
+
+
+def _heart_box(mask_file: Path) -> np.ndarray:
+    with Image.open(mask_file) as im:
+        return mask_box(np.asarray(im.convert("L")) > 127)
 
 
 def _phantoms(root: Path, table: pd.DataFrame, finding: str) -> WeakLabelSet:
@@ -82,7 +89,7 @@ def _phantoms(root: Path, table: pd.DataFrame, finding: str) -> WeakLabelSet:
         if not label:
             boxes.append(np.zeros((0, 4)))
         elif finding == "nodule":
-            boxes.append(_circle_box(float(row.nodule_x), float(row.nodule_y), float(row.nodule_size)))
+            boxes.append(circle_box(float(row.nodule_x), float(row.nodule_y), float(row.nodule_size)))
         else:
             boxes.append(_heart_box(root / "masks" / "heart" / f"{row.id}.png"))
     paths = [root / p if p else root / "images" / f"{i}.png"
@@ -93,7 +100,7 @@ def _phantoms(root: Path, table: pd.DataFrame, finding: str) -> WeakLabelSet:
 
 def _jsrt(root: Path, table: pd.DataFrame) -> WeakLabelSet:
     labels = _flags(table["has_nodule"])
-    boxes = [_circle_box(float(r.nodule_x_1024), float(r.nodule_y_1024),
+    boxes = [circle_box(float(r.nodule_x_1024), float(r.nodule_y_1024),
                          float(r.nodule_size_mm) / JSRT_PIXEL_MM) if label else np.zeros((0, 4))
              for r, label in zip(table.itertuples(index=False), labels, strict=True)]
     paths = [root / "images_1024" / f"{i}.png" for i in table["image"]]
