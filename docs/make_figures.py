@@ -24,7 +24,7 @@ def karyotype_figure(out_png: str | Path) -> Path:
     rng = np.random.default_rng(21)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.55]})
     for ax, (karyotype, stain) in zip(axes[:2], (("47,XY,+21", "gband"), ("46,XX", "qband")), strict=True):
-        cell = render_cell(rng, parse_karyotype(karyotype), stain=stain, flip_rate=0.0)
+        cell = render_cell(rng, parse_karyotype(karyotype), style=stain, flip_rate=0.0)
         canvas, labels = karyogram([(k, img) for k, _copy, _pol, img in cell], stain=stain)
         ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
         colour = "black" if stain == "gband" else "white"

@@ -84,7 +84,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     # the names of lab_styles.LAB_STYLES, kept here so that --help imports no numpy (a test compares)
     styles = {
         "gband": "G-band, dark on white, tight crop (pki-3 like; the default)",
-        "qband": "Q-band, bright on black, tight crop (the same as --stain qband)",
+        "qband": "Q-band, bright on black, tight crop",
         "rband": "R-band: dark on white, band darkness reversed from G",
         "padded": "G-band centred in fixed 200x100 (h x w) white frames",
         "qband_padded_dim": "Q-band in fixed 200x100 black frames, dim (max ~110/255), camera noise",
@@ -101,8 +101,6 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same data)")
     k.add_argument("--abnormal-rate", type=float, default=0.1, help="fraction of abnormal cells")
     k.add_argument("--flip-rate", type=float, default=0.5, help="fraction flipped to polarity 0")
-    k.add_argument("--stain", choices=["gband", "qband"], default=None,
-                   help="gband (default) or qband; the same as --style gband / qband")
     k.add_argument("--style", choices=list(styles), default=None, metavar="NAME",
                    help="how another lab's images look: " + ", ".join(styles) + " (default: gband; "
                    "described below)")
@@ -123,7 +121,7 @@ def _cmd_synth_karyotypes(args: argparse.Namespace) -> int:
 
     manifest = generate_karyotypes(
         args.out, cases=args.cases, seed=args.seed, abnormal_rate=args.abnormal_rate,
-        flip_rate=args.flip_rate, stain=args.stain, style=args.style,
+        flip_rate=args.flip_rate, style=args.style,
     )
     print(f"wrote {args.cases} cells; manifest: {manifest}")
     return 0

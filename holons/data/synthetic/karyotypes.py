@@ -106,18 +106,18 @@ def plan_cells(cases: int, seed: int, abnormal_rate: float) -> list[CellPlan]:
 
 
 def render_cell(
-    rng: np.random.Generator, counts: Sequence[int], *, stain: str | None = None, flip_rate: float = 0.5,
+    rng: np.random.Generator, counts: Sequence[int], *, flip_rate: float = 0.5,
     scale: float = DEFAULT_SCALE, style: str | LabStyle | None = None,
 ) -> list[tuple[int, int, int, np.ndarray]]:
     """All chromosomes of one cell as ``(class_1to24, copy, polarity, image)``.
 
     The cell's condensation (lognormal, ~12 %) scales every chromosome; blur and contrast are
     shared by the cell with small per-chromosome changes, as on one metaphase spread. ``style``
-    (a :data:`LAB_STYLES` name or a :class:`LabStyle`; default from ``stain``, else ``gband``) is
+    (a :data:`LAB_STYLES` name or a :class:`LabStyle`; default ``gband``) is
     applied after all chromosomes are rendered, so framing and noise leave the chromosomes' own
     random draws, and hence their shapes, as in the tight-crop style.
     """
-    lab = resolve_style(style, stain)[1]
+    lab = resolve_style(style)[1]
     cell_scale = scale * lab.magnification * float(np.exp(rng.normal(0.0, 0.12)))
     cell_blur, cell_contrast = rng.uniform(0.55, 0.95), rng.uniform(0.85, 1.0)
     out = []
@@ -224,7 +224,6 @@ def generate_karyotypes(
     seed: int = 0,
     abnormal_rate: float = 0.1,
     flip_rate: float = 0.5,
-    stain: str | None = None,
     workers: int | None = None,
     progress: bool | None = None,
     style: str | LabStyle | None = None,
@@ -238,17 +237,16 @@ def generate_karyotypes(
     same for a seed whatever ``workers`` is. Each cell folder appears only when complete and the
     manifest is written last, atomically.
 
-    ``style`` names a lab look from :data:`LAB_STYLES` (or is a :class:`LabStyle`); without it the
-    ``stain`` (``gband`` by default) picks ``gband`` or ``qband``, and a stain that contradicts the
-    style is an error. JPEG styles write ``.jpg`` files; ``height``/``width`` are those of the
-    written files. ``out/style.json`` records the style's name and parameters.
+    ``style`` names a lab look from :data:`LAB_STYLES` (default ``gband``; ``qband`` for bright on
+    black) or is a :class:`LabStyle`. JPEG styles write ``.jpg`` files; ``height``/``width`` are those
+    of the written files. ``out/style.json`` records the style's name and parameters.
     """
     if cases < 1:
         raise HolonsError(f"cases must be at least 1, got {cases}")
     for name, value in (("abnormal rate", abnormal_rate), ("flip rate", flip_rate)):
         if not 0.0 <= value <= 1.0:
             raise HolonsError(f"{name} must be between 0 and 1, got {value}")
-    style_name, lab = resolve_style(style, stain)
+    style_name, lab = resolve_style(style)
     out = Path(out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)

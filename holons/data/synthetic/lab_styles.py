@@ -67,7 +67,7 @@ class LabStyle:
 LAB_STYLES: dict[str, LabStyle] = {
     "gband": LabStyle(summary="G-band, dark on white, tight crop (pki-3 like; the default)"),
     "qband": LabStyle(stain="qband",
-                      summary="Q-band, bright on black, tight crop (the same as --stain qband)"),
+                      summary="Q-band, bright on black, tight crop"),
     "rband": LabStyle(band_inversion=True, summary="R-band: dark on white, band darkness reversed from G"),
     "padded": LabStyle(frame=(200, 100), summary="G-band centred in fixed 200x100 (h x w) white frames"),
     "qband_padded_dim": LabStyle(
@@ -81,27 +81,15 @@ LAB_STYLES: dict[str, LabStyle] = {
 """Named lab styles. ``gband`` renders exactly what the generator wrote before styles existed."""
 
 
-def resolve_style(style: str | LabStyle | None = None, stain: str | None = None) -> tuple[str, LabStyle]:
-    """``(name, LabStyle)`` from a style name or object and/or the older ``stain`` argument.
-
-    No style: the stain's own style (``gband`` when neither is given). A stain that contradicts the
-    style's is an error; a :class:`LabStyle` object is named ``custom``.
-    """
-    if stain is not None and stain not in STAINS:
-        raise HolonsError(f"stain must be one of {', '.join(STAINS)}, got {stain!r}")
+def resolve_style(style: str | LabStyle | None = None) -> tuple[str, LabStyle]:
+    """``(name, LabStyle)`` from a style name (``gband`` when None) or object (named ``custom``)."""
     if style is None:
-        name = stain or "gband"
-        return name, LAB_STYLES[name]
+        return "gband", LAB_STYLES["gband"]
     if isinstance(style, LabStyle):
-        name, lab = "custom", style
-    elif style in LAB_STYLES:
-        name, lab = style, LAB_STYLES[style]
-    else:
+        return "custom", style
+    if style not in LAB_STYLES:
         raise HolonsError(f"unknown style {style!r}; choose one of {', '.join(LAB_STYLES)}")
-    if stain is not None and stain != lab.stain:
-        raise HolonsError(f"stain {stain!r} conflicts with style {name!r} (a {lab.stain} style); "
-                          "give the style only")
-    return name, lab
+    return style, LAB_STYLES[style]
 
 
 def apply_lab_style(rng: np.random.Generator, img: np.ndarray, style: LabStyle) -> np.ndarray:
