@@ -53,6 +53,8 @@ def add_evaluate_localize(protocols: argparse._SubParsersAction) -> None:
                    help="localizer folders (`finetune localize`), each with the column title to show")
     m.add_argument("--data", type=Path, required=True, help="phantoms folder, JSRT folder or manifest CSV")
     m.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    m.add_argument("--finding", default=None,
+                   help="finding whose true boxes are drawn (default: the one the first model learned)")
     m.add_argument("--split", default=None, help="split to draw from (default: test, else val, else all)")
     m.add_argument("--images", type=int, default=4, help="images (rows) with a true box (default 4)")
     m.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, ...")
@@ -88,7 +90,7 @@ def _cmd_maps(args: argparse.Namespace) -> int:
     bad = [k for k, v in models.items() if not k or not v]
     if bad or len(models) != len(args.model):
         raise HolonsError(f"--model takes distinct NAME=FOLDER items, got {args.model}")
-    out = draw_localization_maps(models, args.data, args.out, split=args.split, images=args.images,
-                                 device=args.device)
+    out = draw_localization_maps(models, args.data, args.out, finding=args.finding, split=args.split,
+                                 images=args.images, device=args.device)
     print(f"wrote {out}")
     return 0

@@ -11,6 +11,7 @@ import numpy as np
 from holons.data.readers import read_image
 from holons.data.weak_labels import load_weak_label_set
 from holons.errors import HolonsError
+from holons.finetune.localize.folder import load_localizer
 from holons.finetune.localize.predict import predict_maps
 
 __all__ = ["draw_localization_maps"]
@@ -20,7 +21,8 @@ def draw_localization_maps(models: dict[str, str | Path], data: str | Path, out:
                            finding: str | None = None, split: str | None = None, images: int = 4,
                            device: str = "auto") -> Path:
     """Write the PNG ``out`` for the localizer folders ``models`` (name -> folder) on the first ``images``
-    images of ``split`` (default: the set's held-out split) that have a true box; returns ``out``."""
+    images of ``split`` (default: the set's held-out split) that have a true box of ``finding`` (default:
+    the one the first model was trained on); returns ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,6 +31,8 @@ def draw_localization_maps(models: dict[str, str | Path], data: str | Path, out:
 
     if not models:
         raise HolonsError("no model to draw: give at least one NAME=FOLDER")
+    if finding is None:
+        finding = load_localizer(next(iter(models.values()))).meta.get("config", {}).get("finding")
     dataset = load_weak_label_set(data, finding)
     chosen = [i for i in dataset.indices(split or dataset.held_out_split()) if len(dataset.boxes[i])][:images]
     if not chosen:
