@@ -9,7 +9,7 @@ from holons.errors import ConfigError
 
 Stain = Literal["gband", "rband", "qband", "auto"]
 ScaleNorm = Literal["none", "cell"]
-Variant = Literal["varifocal", "g_only", "l_whole"]
+Variant = Literal["varifocal", "g_only", "l_whole", "sgma_parts", "pdisconet_parts"]
 BoxGradient = Literal["mask", "sampling"]
 DispatchMethod = Literal["none", "greedy", "optimal"]
 LrSchedule = Literal["step", "cosine"]
@@ -85,6 +85,13 @@ class KaryotypeModelConfig:
     trained of fusion, L-Net, G-Net (the design's); ``mean`` averages the G and L probabilities;
     ``best``: the trained head with the best validation type accuracy, chosen after training and
     recorded with the model (a failed sub-net then cannot drag a ``mean`` head down).
+
+    ``variant``: ``varifocal`` (G-Net, learned zoom box, L-Net on the zoom, fusion), ``g_only``,
+    ``l_whole`` (the L-Net on the whole canvas), and two part-based local branches
+    (:mod:`~holons.finetune.karyotype.part_branches`): ``sgma_parts`` (the L-Net on ``parts``
+    attention crops of ``part_crop_fraction`` of the canvas) and ``pdisconet_parts`` (the L-Net's
+    features pooled over ``parts`` discovered parts, ``part_dropout``); ``part_loss_weight`` weighs
+    their auxiliary loss (attention diversity; part priors) while the L-Net trains.
     """
 
     variant: Variant = "varifocal"
@@ -98,6 +105,16 @@ class KaryotypeModelConfig:
     box_gradient: BoxGradient = "mask"
     output_head: OutputHead = "auto"
     drop_rate: float = 0.0
+    parts: int = 2
+    part_crop_fraction: float = 0.5
+    part_dropout: float = 0.3
+    part_loss_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.parts < 1 or not 0 < self.part_crop_fraction <= 1 or not 0 <= self.part_dropout < 1 \
+                or self.part_loss_weight < 0:
+            raise ConfigError("model.parts must be >= 1, model.part_crop_fraction in (0, 1], "
+                              "model.part_dropout in [0, 1), model.part_loss_weight >= 0")
 
 
 @dataclass

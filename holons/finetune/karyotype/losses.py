@@ -64,4 +64,7 @@ def phase_loss(model: VarifocalNet, phase: Phase, images, labels, polarity, cfg:
     out = model(images, parts)
     key_t, key_p = {"g": ("g_type", "g_polarity"), "l": ("l_type", "l_polarity"),
                     "fusion": ("type", "polarity")}[phase.loss]
-    return soft_cross_entropy(out[key_t], type_t) + w * soft_cross_entropy(out[key_p], pol_t, pol_w)
+    loss = soft_cross_entropy(out[key_t], type_t) + w * soft_cross_entropy(out[key_p], pol_t, pol_w)
+    if phase.loss == "l" and "part_loss" in out:  # a part branch's priors, while it trains
+        loss = loss + out["part_loss"]
+    return loss

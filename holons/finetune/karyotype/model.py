@@ -15,7 +15,9 @@
 - Fusion: concatenated G and L features -> two MLPs (``fusion_hidden``) for type and polarity.
 
 Variants: ``varifocal`` (all of the above), ``g_only`` (no L-Net), ``l_whole`` (the L-Net sees the
-whole canvas at the L-Net size instead of the learned crop; an ablation).
+whole canvas at the L-Net size instead of the learned crop; an ablation), ``sgma_parts`` and
+``pdisconet_parts`` (part-based local branches instead of the zoom, see
+:mod:`~holons.finetune.karyotype.part_branches`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 from holons.errors import ConfigError
 from holons.finetune.karyotype.config import KaryotypeModelConfig
 from holons.finetune.karyotype.data import NUM_TYPES
+from holons.finetune.karyotype.part_branches import AttentionCrops, DiscoveredParts
 from holons.ssl.backbone import create_backbone
 
 CENTRE_RANGE = (0.25, 0.75)
@@ -139,11 +142,20 @@ class VarifocalNet(nn.Module):
             self.localizer = _mlp(d, cfg.localizer_hidden, 3)
             nn.init.zeros_(self.localizer[-1].weight)
             nn.init.zeros_(self.localizer[-1].bias)  # starts at the centre, half-size 3/16
+        if cfg.variant == "sgma_parts":
+            channels = self._map_channels(self.g_backbone, self.input_size, "G-Net")
+            self.part_attention = AttentionCrops(channels, cfg.parts,
+                                                 cfg.part_crop_fraction, cfg.part_loss_weight)
         if self.has_lnet:
             self.l_backbone = create_backbone(cfg.l_backbone, in_chans=in_chans,
                                               pretrained_dir=cfg.l_pretrained_dir, **kw)
             self.register_buffer("l_norm", self._norm(self.l_backbone, cfg.l_pretrained_dir))
-            dl = self._probe(self.l_backbone, self.l_size, "L-Net")
+            if cfg.variant == "pdisconet_parts":  # parts need the detail of the full canvas
+                self.l_size = self.input_size
+                dl = self._map_channels(self.l_backbone, self.l_size, "L-Net")
+                self.l_parts = DiscoveredParts(dl, cfg.parts, cfg.part_dropout, cfg.part_loss_weight)
+            else:
+                dl = self._probe(self.l_backbone, self.l_size, "L-Net")
             self.l_type = nn.Linear(dl, NUM_TYPES)
             self.l_polarity = nn.Linear(dl, 2)
             self.fusion_type = _mlp(d + dl, cfg.fusion_hidden, NUM_TYPES)
@@ -176,6 +188,21 @@ class VarifocalNet(nn.Module):
         finally:
             backbone.train(was)
 
+    @staticmethod
+    def _map_channels(backbone: nn.Module, size: int, what: str) -> int:
+        """The channels of the last feature map at ``size`` px input; parts need at least 2 x 2
+        positions on it to choose among."""
+        was = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            dense = backbone.forward_pooled_dense(torch.zeros(1, backbone.in_chans, size, size))[1]
+        c, h, w = dense.shape[-3:]
+        backbone.train(was)
+        if h * w < 4:
+            raise ConfigError(f"{what} feature map of {size} px input is {h} x {w}: too small for parts; "
+                              "use a larger data.input_size")
+        return int(c)
+
     def g_input(self, source: torch.Tensor) -> torch.Tensor:
         if source.shape[-1] == self.input_size:
             return source
@@ -192,21 +219,42 @@ class VarifocalNet(nn.Module):
         ``parts``: ``g`` (G logits), ``box``, ``l`` (L logits; implies box), ``fusion`` (implies l).
         """
         out: dict[str, torch.Tensor] = {}
-        g_feat = self.g_backbone(self._normalized(self.g_input(source), self.g_norm))
+        need_l = self.has_lnet and ("l" in parts or "fusion" in parts)
+        g_in = self._normalized(self.g_input(source), self.g_norm)
+        if need_l and hasattr(self, "part_attention"):
+            g_feat, g_dense = self.g_backbone.forward_pooled_dense(g_in)
+        else:
+            g_feat, g_dense = self.g_backbone(g_in), None
         out["g_feat"] = g_feat
         if "g" in parts:
             out["g_type"], out["g_polarity"] = self.g_type(g_feat), self.g_polarity(g_feat)
-        need_l = self.has_lnet and ("l" in parts or "fusion" in parts)
         if self.has_localizer and ("box" in parts or need_l):
             out["box"] = bound_box(self.localizer(g_feat))
         if need_l:
-            l_feat = self.l_backbone(self._normalized(self.l_input(source, out.get("box")), self.l_norm))
+            l_feat = self._local_features(source, out, g_dense)
             out["l_feat"] = l_feat
             out["l_type"], out["l_polarity"] = self.l_type(l_feat), self.l_polarity(l_feat)
             if "fusion" in parts:
                 both = torch.cat([g_feat, l_feat], dim=1)
                 out["type"], out["polarity"] = self.fusion_type(both), self.fusion_polarity(both)
         return out
+
+    def _local_features(self, source: torch.Tensor, out: dict, g_dense: torch.Tensor | None) -> torch.Tensor:
+        """The L-Net's pooled feature of the variant's local view; a part branch also puts its maps and
+        its auxiliary loss (``part_loss``) into ``out``."""
+        if g_dense is not None:  # sgma_parts: the mean feature of the attention crops
+            maps = self.part_attention.maps(g_dense)
+            crops = self.part_attention.crops(source, maps, self.l_size)
+            feats = self.l_backbone(self._normalized(crops, self.l_norm))
+            out["part_maps"], out["part_loss"] = maps, self.part_attention.loss(maps)
+            return feats.view(len(source), -1, feats.shape[-1]).mean(dim=1)
+        if hasattr(self, "l_parts"):  # pdisconet_parts: features pooled over the discovered parts
+            whole = self._normalized(self.g_input(source), self.l_norm)
+            _, dense = self.l_backbone.forward_pooled_dense(whole)
+            feature, maps, vectors = self.l_parts(dense)
+            out["part_maps"], out["part_loss"] = maps, self.l_parts.loss(maps, vectors)
+            return feature
+        return self.l_backbone(self._normalized(self.l_input(source, out.get("box")), self.l_norm))
 
     @torch.no_grad()
     def predict_logits(self, source: torch.Tensor, head: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,9 @@ def schedule(cfg: KaryotypeConfig) -> list[Phase]:
         phases.append(Phase("localizer", t.localizer_epochs, ("localizer",), "box"))
     if variant != "g_only":
         for r in range(1, t.lnet_rounds + 1):
-            phases.append(Phase(f"lnet_{r}", t.lnet_epochs, ("l_backbone", "l_type", "l_polarity"), "l"))
+            local = {"sgma_parts": ("part_attention",), "pdisconet_parts": ("l_parts",)}.get(variant, ())
+            trains = ("l_backbone", "l_type", "l_polarity", *local)
+            phases.append(Phase(f"lnet_{r}", t.lnet_epochs, trains, "l"))
             if variant == "varifocal":
                 phases.append(Phase(f"locrefine_{r}", t.localizer_refine_epochs, ("localizer",), "l"))
         phases.append(Phase("fusion", t.fusion_epochs, ("fusion_type", "fusion_polarity"), "fusion"))

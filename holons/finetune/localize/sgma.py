@@ -28,7 +28,7 @@ from torch import nn
 from holons.finetune.localize.base import Localizer, LossTerms, normalize_maps
 from holons.ssl.backbone import Backbone
 
-__all__ = ["SGMALocalizer", "centre_triplet_loss", "crop_boxes"]
+__all__ = ["SGMALocalizer", "attention_diversity", "centre_triplet_loss", "crop_boxes", "zoom_crops"]
 
 CROPS = ("soft", "peak")
 
@@ -55,6 +55,29 @@ def crop_boxes(attention: torch.Tensor, mode: str) -> torch.Tensor:
                             (attention.sum(dim=3) * ys).sum(dim=-1)], dim=-1)
     flat = attention.flatten(2).argmax(dim=2)
     return torch.stack([xs[flat % w], ys[flat // w]], dim=-1)
+
+
+def zoom_crops(images: torch.Tensor, centres: torch.Tensor, fraction: float, size: int) -> torch.Tensor:
+    """``(B * P) x C x size x size``: for every image of ``images`` (``B x C x H x W``) and each of its
+    ``P`` centres (``B x P x 2``, ``grid_sample`` convention), the square of side ``fraction`` of the
+    image around it, resampled (zeros outside); differentiable in the centres."""
+    b, p = centres.shape[:2]
+    theta = torch.zeros(b * p, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = fraction
+    theta[:, :, 2] = centres.reshape(b * p, 2)
+    grid = F.affine_grid(theta, [b * p, images.shape[1], size, size], align_corners=False)
+    source = images.repeat_interleave(p, dim=0)
+    return F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def attention_diversity(attention: torch.Tensor) -> torch.Tensor:
+    """Mean cosine overlap between distinct attention maps of an image (``B x P x h x w``; 0 when
+    they do not overlap): the term that keeps the parts apart."""
+    p = attention.shape[1]
+    a = F.normalize(attention.flatten(2), dim=2)
+    overlap = a @ a.transpose(1, 2)
+    off = overlap.sum(dim=(1, 2)) - overlap.diagonal(dim1=1, dim2=2).sum(dim=1)
+    return off.mean() / max(p * (p - 1), 1)
 
 
 class SGMALocalizer(Localizer):
@@ -110,15 +133,8 @@ class SGMALocalizer(Localizer):
 
     def _crops(self, images: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """``(B * P) x 1 x S x S`` zoomed crops around each attention map's centre."""
-        b, p = attention.shape[:2]
         size = self.part_size or max(16, images.shape[-1] // 2)
-        centres = crop_boxes(attention, self.crop).reshape(b * p, 2)
-        theta = torch.zeros(b * p, 2, 3, device=images.device, dtype=images.dtype)
-        theta[:, 0, 0] = theta[:, 1, 1] = self.crop_fraction
-        theta[:, :, 2] = centres
-        grid = F.affine_grid(theta, [b * p, 1, size, size], align_corners=False)
-        source = images.repeat_interleave(p, dim=0)
-        return F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return zoom_crops(images, crop_boxes(attention, self.crop), self.crop_fraction, size)
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.features(images)
@@ -144,10 +160,7 @@ class SGMALocalizer(Localizer):
         ce = F.cross_entropy(out["logits"], labels)
         global_ce = F.cross_entropy(self.global_head(out["pooled"]), labels)
         triplet = centre_triplet_loss(out["embedding"], labels, self.centres, self.margin)
-        a = F.normalize(out["attention"].flatten(2), dim=2)
-        overlap = a @ a.transpose(1, 2)
-        diversity = (overlap.sum(dim=(1, 2)) - overlap.diagonal(dim1=1, dim2=2).sum(dim=1)).mean()
-        diversity = diversity / max(self.parts * (self.parts - 1), 1)
+        diversity = attention_diversity(out["attention"])
         total = ce + global_ce + self.triplet_weight * triplet + self.diversity_weight * diversity
         return total, {"ce": ce.item(), "global_ce": global_ce.item(), "triplet": triplet.item(),
                        "diversity": diversity.item()}
