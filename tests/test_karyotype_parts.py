@@ -53,6 +53,7 @@ def test_part_options_are_checked():
         load_config(KaryotypeConfig, TINY, ["model.variant=sgma_parts", "model.parts=0"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(PART_MODULE))
 def test_part_variant_trains_saves_and_predicts_the_test_split(variant, tmp_path):
     """A short run of every step; the saved model predicts its own test split as the run evaluated it."""
