@@ -50,9 +50,10 @@ def test_ablation_arms_make_the_pairs_explicit(tmp_path):
         args = _call_args(job.steps[0])
         cfgs[job.arm] = load_config(KaryotypeConfig, args["config"], args["overrides"])
     assert {n: c.model.variant for n, c in cfgs.items()} == {
-        "g_only": "g_only", "l_whole": "l_whole", "varifocal": "varifocal",
+        "g_only": "g_only", "l_whole": "l_whole", "varifocal": "varifocal", "sgma_parts": "sgma_parts",
+        "pdisconet_parts": "pdisconet_parts",
         "varifocal_foundation": "varifocal", "varifocal_cutmix": "varifocal"}
-    assert [c.train.cutmix_prob for c in cfgs.values()] == [0.0, 0.0, 0.0, 0.0, 0.25]
+    assert [c.train.cutmix_prob for c in cfgs.values()] == [0.0] * 6 + [0.25]
     assert final_head(cfgs["g_only"]) == "g"  # the G-Net row reports the G head whatever the base says
     found = cfgs["varifocal_foundation"].model
     assert found.g_pretrained_dir == found.l_pretrained_dir == str(tmp_path / "export dir")
