@@ -44,8 +44,10 @@ def test_part_module_learns_from_the_lnet_loss(variant):
     loss.backward()
     module = getattr(model, PART_MODULE[variant])
     assert sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None) > 0
-    # the G-Net head alone needs no part branch
+    # the G-Net head alone needs no part branch; a part branch not in training computes no priors
     assert "part_maps" not in model(_chromosomes(), ("g",))
+    module.eval()
+    assert "part_loss" not in model(_chromosomes(), ("l",))
 
 
 def test_part_options_are_checked():

@@ -143,7 +143,7 @@ class VarifocalNet(nn.Module):
             nn.init.zeros_(self.localizer[-1].weight)
             nn.init.zeros_(self.localizer[-1].bias)  # starts at the centre, half-size 3/16
         if cfg.variant == "sgma_parts":
-            channels = self._map_channels(self.g_backbone, self.input_size, "G-Net")
+            channels = self._probe(self.g_backbone, self.input_size, "G-Net", dense=True)
             self.part_attention = AttentionCrops(channels, cfg.parts,
                                                  cfg.part_crop_fraction, cfg.part_loss_weight)
         if self.has_lnet:
@@ -152,7 +152,7 @@ class VarifocalNet(nn.Module):
             self.register_buffer("l_norm", self._norm(self.l_backbone, cfg.l_pretrained_dir))
             if cfg.variant == "pdisconet_parts":  # parts need the detail of the full canvas
                 self.l_size = self.input_size
-                dl = self._map_channels(self.l_backbone, self.l_size, "L-Net")
+                dl = self._probe(self.l_backbone, self.l_size, "L-Net", dense=True)
                 self.l_parts = DiscoveredParts(dl, cfg.parts, cfg.part_dropout, cfg.part_loss_weight)
             else:
                 dl = self._probe(self.l_backbone, self.l_size, "L-Net")
@@ -171,15 +171,19 @@ class VarifocalNet(nn.Module):
         return (x - norm[0]) / norm[1]
 
     @staticmethod
-    def _probe(backbone: nn.Module, size: int, what: str) -> int:
+    def _probe(backbone: nn.Module, size: int, what: str, *, dense: bool = False) -> int:
         """The pooled feature size, from one dummy forward (some timm models, e.g. MobileNetV3, pool
-        through a head wider than ``num_features``); fails early, in words, when ``size`` is too
-        small for the backbone's strides."""
+        through a head wider than ``num_features``); with ``dense``, the channels of the last feature
+        map, which a part branch needs at least 2 x 2 positions of to choose among. Fails early, in
+        words, when ``size`` is too small for the backbone."""
         was = backbone.training
         backbone.eval()
         try:
             with torch.no_grad():
-                return int(backbone(torch.zeros(1, backbone.in_chans, size, size)).shape[-1])
+                x = torch.zeros(1, backbone.in_chans, size, size)
+                if not dense:
+                    return int(backbone(x).shape[-1])
+                feature_map = backbone.forward_pooled_dense(x)[1]
         except RuntimeError as e:
             raise ConfigError(
                 f"{what} input of {size} px is too small for backbone {backbone.name!r} "
@@ -187,17 +191,7 @@ class VarifocalNet(nn.Module):
             ) from e
         finally:
             backbone.train(was)
-
-    @staticmethod
-    def _map_channels(backbone: nn.Module, size: int, what: str) -> int:
-        """The channels of the last feature map at ``size`` px input; parts need at least 2 x 2
-        positions on it to choose among."""
-        was = backbone.training
-        backbone.eval()
-        with torch.no_grad():
-            dense = backbone.forward_pooled_dense(torch.zeros(1, backbone.in_chans, size, size))[1]
-        c, h, w = dense.shape[-3:]
-        backbone.train(was)
+        c, h, w = feature_map.shape[-3:]
         if h * w < 4:
             raise ConfigError(f"{what} feature map of {size} px input is {h} x {w}: too small for parts; "
                               "use a larger data.input_size")
@@ -240,19 +234,23 @@ class VarifocalNet(nn.Module):
         return out
 
     def _local_features(self, source: torch.Tensor, out: dict, g_dense: torch.Tensor | None) -> torch.Tensor:
-        """The L-Net's pooled feature of the variant's local view; a part branch also puts its maps and
-        its auxiliary loss (``part_loss``) into ``out``."""
+        """The L-Net's pooled feature of the variant's local view; a part branch also puts its maps into
+        ``out``, and its auxiliary loss (``part_loss``) while it trains."""
         if g_dense is not None:  # sgma_parts: the mean feature of the attention crops
             maps = self.part_attention.maps(g_dense)
             crops = self.part_attention.crops(source, maps, self.l_size)
             feats = self.l_backbone(self._normalized(crops, self.l_norm))
-            out["part_maps"], out["part_loss"] = maps, self.part_attention.loss(maps)
+            out["part_maps"] = maps
+            if self.part_attention.training:
+                out["part_loss"] = self.part_attention.loss(maps)
             return feats.view(len(source), -1, feats.shape[-1]).mean(dim=1)
         if hasattr(self, "l_parts"):  # pdisconet_parts: features pooled over the discovered parts
             whole = self._normalized(self.g_input(source), self.l_norm)
             _, dense = self.l_backbone.forward_pooled_dense(whole)
             feature, maps, vectors = self.l_parts(dense)
-            out["part_maps"], out["part_loss"] = maps, self.l_parts.loss(maps, vectors)
+            out["part_maps"] = maps
+            if self.l_parts.training:
+                out["part_loss"] = self.l_parts.loss(maps, vectors)
             return feature
         return self.l_backbone(self._normalized(self.l_input(source, out.get("box")), self.l_norm))
 
