@@ -15,7 +15,14 @@ from holons.cli import main
 from holons.errors import HolonsError
 from holons.finetune.distill import api
 from holons.finetune.distill.convnet import ConvNet
-from holons.finetune.distill.matching import dm_loss, gm_loss, matching_views, mirror_by_halves
+from holons.finetune.distill.matching import (
+    class_poses,
+    dm_loss,
+    gm_loss,
+    matching_views,
+    mirror_by_halves,
+    posed,
+)
 from holons.finetune.karyotype.data import KaryotypeDataset, read_crops, read_karyotype_manifest
 from holons.finetune.karyotype.preprocess import Preprocessing
 
@@ -92,12 +99,36 @@ def test_dm_loss_decreases_under_a_fixed_network():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_siamese_poses_move_a_class_real_and_synthetic_images_alike():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    labels = torch.tensor([0, 0, 1, 1])
+    identity = class_poses(2, gen, translate=0.0, scale=0.0, flip=False)
+    assert torch.allclose(posed(x, labels, identity), x, atol=1e-5)
+    mirror = torch.tensor([[[-1.0, 0, 0], [0, 1.0, 0]], [[1.0, 0, 0], [0, 1.0, 0]]])
+    moved = posed(x, labels, mirror)
+    assert torch.allclose(moved[:2], x[:2].flip(-1), atol=1e-5)
+    assert torch.allclose(moved[2:], x[2:], atol=1e-5)
+    poses = class_poses(2, gen, translate=0.125, scale=0.1, flip=True)
+    assert not torch.allclose(poses[0], poses[1])
+    # a synthetic set equal to the real one stays matched under any shared pose, and the loss is
+    # differentiable through the pose
+    torch.manual_seed(0)
+    net = ConvNet(2, size=16, width=4)
+    syn = x.clone().requires_grad_(True)
+    loss = dm_loss(net, x, labels, syn, labels, 2, poses=poses)
+    assert loss < 1e-8
+    dm_loss(net, x.flip(-1), labels, syn, labels, 2, poses=poses).backward()
+    assert syn.grad.abs().sum() > 0
+
+
 def test_gradient_matching_is_differentiable_in_the_images():
     torch.manual_seed(0)
     net = ConvNet(2, size=16, width=4)
     syn = torch.rand(2, 1, 16, 16, requires_grad=True)
     real, real_y = torch.rand(6, 1, 16, 16), torch.tensor([0, 1] * 3)
-    loss = gm_loss(net, real, real_y, syn, torch.tensor([0, 1]), 2, fyi=True)
+    poses = class_poses(2, torch.Generator().manual_seed(0), translate=0.1, scale=0.1, flip=True)
+    loss = gm_loss(net, real, real_y, syn, torch.tensor([0, 1]), 2, fyi=True, poses=poses)
     loss.backward()
     assert torch.isfinite(loss) and syn.grad.abs().sum() > 0
 

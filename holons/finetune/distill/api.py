@@ -30,8 +30,8 @@ from holons.files import atomic_write
 from holons.finetune.distill.config import DistillConfig
 from holons.finetune.distill.convnet import ConvNet
 from holons.finetune.distill.data import RealSet, load_real_set, quantize, write_distilled
-from holons.finetune.distill.evaluate import evaluate_arms
-from holons.finetune.distill.matching import dm_loss, gm_loss
+from holons.finetune.distill.evaluate import SCALE, SHIFT, evaluate_arms, mirrors
+from holons.finetune.distill.matching import class_poses, dm_loss, gm_loss
 from holons.runs import prepare_run, resolve_device
 from holons.signals import StopSignal
 
@@ -151,7 +151,9 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
                 net = _fresh_net(cfg, real, device, it)
             x, y = real_batch(real, m.real_batch, gen)
             x, y = x.to(device), y.to(device)
-            loss = loss_fn(net, x, y, syn, labels, real.num_classes, fyi=m.fyi)
+            poses = class_poses(real.num_classes, gen, translate=SHIFT, scale=SCALE,
+                                flip=mirrors(cfg, real)) if m.augment else None
+            loss = loss_fn(net, x, y, syn, labels, real.num_classes, fyi=m.fyi, poses=poses)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -66,7 +66,9 @@ class DistillMatchConfig:
     (gradient matching: the cross-entropy gradients of the real and synthetic batch under a fresh
     ConvNet that is trained on real data for ``gm_inner_steps`` between matchings). ``ipc``:
     synthetic images per class; ``init``: ``real`` (random real images of the class, seeded) or
-    ``noise``. ``fyi``: FYI's flip (see :mod:`~holons.finetune.distill.matching`). ``iterations``
+    ``noise``. ``fyi``: FYI's flip (see :mod:`~holons.finetune.distill.matching`). ``augment``:
+    siamese augmentation, the real and synthetic images of a class moved by one random pose per
+    iteration (the evaluation's shift and scale, and its mirror policy). ``iterations``
     optimizer steps on the images (SGD, ``lr``, momentum 0.5); ``real_batch`` real images per class
     and iteration; a checkpoint every ``checkpoint_every`` iterations (and at the end).
 
@@ -79,6 +81,7 @@ class DistillMatchConfig:
     ipc: int = 10
     init: Init = "real"
     fyi: bool = False
+    augment: bool = False
     iterations: int = 1000
     lr: float = 0.1
     real_batch: int = 64

@@ -68,11 +68,17 @@ def train_convnet(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Disti
     return net
 
 
+def mirrors(cfg: DistillConfig, real: RealSet) -> bool:
+    """Whether training mirrors images: ``evaluate.hflip``, where ``auto`` is on for chromosomes (a
+    mirror keeps the type) and off for radiographs (they have laterality)."""
+    return cfg.evaluate.hflip == "on" or (cfg.evaluate.hflip == "auto" and real.kind == KARYOTYPE)
+
+
 def evaluate_arms(real: RealSet, distilled_x: torch.Tensor, distilled_y: torch.Tensor, cfg: DistillConfig,
                   device: torch.device, *, progress: bool = False) -> dict:
     """Test accuracy of a ConvNet trained on every configured arm, for every seed (module docstring)."""
     e = cfg.evaluate
-    hflip = e.hflip == "on" or (e.hflip == "auto" and real.kind == KARYOTYPE)
+    hflip = mirrors(cfg, real)
     runs = [(arm, seed) for arm in e.arms for seed in e.seeds]
     per_seed: dict[str, list[float]] = {arm: [] for arm in e.arms}
     sizes: dict[str, int] = {}

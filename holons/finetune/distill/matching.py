@@ -16,6 +16,11 @@ With ``fyi`` each synthetic image is learned as two halves and enters the matchi
 and mirrored, the mirror's left half being the image's right half flipped and its right half the
 left half flipped (:func:`matching_views`). A part the real set shows on either side is then matched
 by one copy on one side, and the other half is free to learn other detail.
+
+**Siamese augmentation** (DSA, Zhao & Bilen, ICML 2021; DM matches under it): every iteration each
+class draws one random pose (shift, scale, and a mirror where the task allows one) and its real batch
+and its synthetic images are both moved by it before the embedding (:func:`class_poses`), so the
+synthetic images match the real ones under the poses the evaluation trains with, not only as drawn.
 """
 
 from __future__ import annotations
@@ -24,6 +29,30 @@ import torch
 import torch.nn.functional as F
 
 from holons.finetune.distill.convnet import ConvNet
+
+
+def class_poses(num_classes: int, generator: torch.Generator, *, translate: float, scale: float,
+                flip: bool) -> torch.Tensor:
+    """``num_classes x 2 x 3`` affine matrices (``affine_grid`` convention): per class one shift by up
+    to +-``translate`` of the side, one isotropic scale by 1 +- ``scale``, and a mirror with p = 1/2
+    when ``flip``."""
+    u = torch.rand(num_classes, 4, generator=generator) * 2 - 1
+    zoom = 1.0 + u[:, 0] * scale
+    mirror = torch.where(u[:, 1] < 0, -1.0, 1.0) if flip else torch.ones(num_classes)
+    theta = torch.zeros(num_classes, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = mirror / zoom, 1.0 / zoom
+    theta[:, :, 2] = u[:, 2:] * (2.0 * translate)  # normalized coordinates span 2 per side
+    return theta
+
+
+def posed(images: torch.Tensor, labels: torch.Tensor, poses: torch.Tensor | None) -> torch.Tensor:
+    """``images`` each moved by its class's pose (background 0 filled); unchanged when ``poses`` is
+    None. Differentiable in ``images``."""
+    if poses is None:
+        return images
+    theta = poses.to(images)[labels]
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def mirror_by_halves(images: torch.Tensor) -> torch.Tensor:
@@ -52,13 +81,14 @@ def class_means(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def dm_loss(net: ConvNet, real: torch.Tensor, real_labels: torch.Tensor, syn: torch.Tensor,
-            syn_labels: torch.Tensor, num_classes: int, *, fyi: bool = False) -> torch.Tensor:
+            syn_labels: torch.Tensor, num_classes: int, *, fyi: bool = False,
+            poses: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over classes of ``|mean embed(real_c) - mean embed(syn_c)|^2`` (synthetic views per
-    :func:`matching_views`); differentiable in ``syn``."""
+    :func:`matching_views`, both sides moved by ``poses`` per :func:`posed`); differentiable in ``syn``."""
     with torch.no_grad():
-        target = class_means(net.embed(real), real_labels, num_classes)
+        target = class_means(net.embed(posed(real, real_labels, poses)), real_labels, num_classes)
     views, view_labels = matching_views(syn, syn_labels, fyi)
-    mean_syn = class_means(net.embed(views), view_labels, num_classes)
+    mean_syn = class_means(net.embed(posed(views, view_labels, poses)), view_labels, num_classes)
     return ((target - mean_syn) ** 2).sum()
 
 
@@ -71,11 +101,13 @@ def _layer_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def gm_loss(net: ConvNet, real: torch.Tensor, real_labels: torch.Tensor, syn: torch.Tensor,
-            syn_labels: torch.Tensor, num_classes: int, *, fyi: bool = False) -> torch.Tensor:
-    """Sum over classes of the gradient distance of the real and synthetic batches (differentiable in
-    ``syn``)."""
+            syn_labels: torch.Tensor, num_classes: int, *, fyi: bool = False,
+            poses: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over classes of the gradient distance of the real and synthetic batches (both moved by
+    ``poses``; differentiable in ``syn``)."""
     params = [p for p in net.parameters() if p.requires_grad]
     views, view_labels = matching_views(syn, syn_labels, fyi)
+    real, views = posed(real, real_labels, poses), posed(views, view_labels, poses)
     loss = syn.new_zeros(())
     for c in range(num_classes):
         r, s = real_labels == c, view_labels == c
