@@ -29,30 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from holons.finetune.distill.convnet import ConvNet
+from holons.finetune.poses import random_rigid_thetas, rigid_transform
 
 
 def class_poses(num_classes: int, generator: torch.Generator, *, translate: float, scale: float,
                 flip: bool) -> torch.Tensor:
-    """``num_classes x 2 x 3`` affine matrices (``affine_grid`` convention): per class one shift by up
-    to +-``translate`` of the side, one isotropic scale by 1 +- ``scale``, and a mirror with p = 1/2
-    when ``flip``."""
-    u = torch.rand(num_classes, 4, generator=generator) * 2 - 1
-    zoom = 1.0 + u[:, 0] * scale
-    mirror = torch.where(u[:, 1] < 0, -1.0, 1.0) if flip else torch.ones(num_classes)
-    theta = torch.zeros(num_classes, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = mirror / zoom, 1.0 / zoom
-    theta[:, :, 2] = u[:, 2:] * (2.0 * translate)  # normalized coordinates span 2 per side
-    return theta
+    """One random pose per class (``num_classes x 2 x 3``): a shift by up to +-``translate`` of the
+    side, an isotropic scale by 1 +- ``scale``, a mirror with p = 1/2 when ``flip``; no rotation."""
+    return random_rigid_thetas(num_classes, max_degrees=0.0, max_shift=2.0 * translate,
+                               scale_range=(1.0 - scale, 1.0 + scale), flip=flip, generator=generator)
 
 
 def posed(images: torch.Tensor, labels: torch.Tensor, poses: torch.Tensor | None) -> torch.Tensor:
     """``images`` each moved by its class's pose (background 0 filled); unchanged when ``poses`` is
     None. Differentiable in ``images``."""
-    if poses is None:
-        return images
-    theta = poses.to(images)[labels]
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return images if poses is None else rigid_transform(images, poses[labels.to(poses.device)])
 
 
 def mirror_by_halves(images: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ The localization map weighs the part maps by each part's share of the target cla
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from holons.finetune.localize.base import Localizer, LossTerms
+from holons.finetune.poses import random_rigid_thetas, rigid_transform
 from holons.ssl.backbone import Backbone
 
 __all__ = ["PDiscoNetLocalizer", "concentration_loss", "orthogonality_loss", "presence_loss",
@@ -69,30 +69,6 @@ def presence_loss(maps: torch.Tensor, border: int = 1) -> torch.Tensor:
     edge[:, border:-border, border:-border] = False
     bg_term = (1 - background.masked_fill(~edge, 0).flatten(1).amax(dim=1)).mean()
     return part_term + bg_term
-
-
-def random_rigid_thetas(n: int, *, max_degrees: float = 15.0, max_shift: float = 0.1,
-                        scale_range: tuple[float, float] = (0.9, 1.1), flip: bool = True,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n x 2 x 3`` affine matrices (``affine_grid`` convention: output -> input coordinates in
-    [-1, 1]) of random rotations, horizontal flips, shifts and isotropic scales."""
-    u = torch.rand(n, 5, generator=generator)
-    angle = (u[:, 0] * 2 - 1) * math.radians(max_degrees)
-    scale = scale_range[0] + u[:, 1] * (scale_range[1] - scale_range[0])
-    mirror = torch.where(u[:, 2] < 0.5, -1.0, 1.0) if flip else torch.ones(n)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = cos * mirror, -sin
-    theta[:, 1, 0], theta[:, 1, 1] = sin * mirror, cos
-    theta[:, :, 2] = (u[:, 3:5] * 2 - 1) * max_shift
-    return theta
-
-
-def rigid_transform(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample ``B x C x H x W`` by ``theta`` (``B x 2 x 3``); outside the source is zero. Normalized
-    coordinates make the same ``theta`` mean the same motion at any resolution."""
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def equivariance_loss(map_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
