@@ -14,7 +14,9 @@ import torch
 from holons.cli import main
 from holons.errors import HolonsError
 from holons.finetune.distill import api
+from holons.finetune.distill.config import DistillConfig
 from holons.finetune.distill.convnet import ConvNet
+from holons.finetune.distill.data import RealSet
 from holons.finetune.distill.matching import (
     class_poses,
     dm_loss,
@@ -58,6 +60,24 @@ def test_distilled_chromosomes_are_read_back_by_the_karyotype_reader(karyotypes,
     assert (tmp_path / "run" / "config.yaml").is_file()
     with pytest.raises(HolonsError, match="not empty"):
         api.distill(TINY, data=karyotypes, out=tmp_path / "run", progress=False)
+
+
+def test_kmeans_init_takes_one_real_image_from_each_mode_of_a_class():
+    gen = torch.Generator().manual_seed(0)
+    levels = torch.tensor([20, 120, 230]).repeat_interleave(torch.tensor([30, 5, 12]))  # unequal modes
+    noise = torch.randint(-8, 9, (47, 1, 8, 8), generator=gen)
+    images = (levels[:, None, None, None] + noise).to(torch.uint8)
+    picks = api.kmeans_representatives(images, 3, seed=0)
+    assert sorted(levels[picks].tolist()) == [20, 120, 230]  # a random 3 often miss the 5-image mode
+    assert len(set(api.kmeans_representatives(images, 40, seed=1).tolist())) == 40  # distinct images
+    with pytest.raises(ValueError, match="distinct"):
+        api.kmeans_representatives(images, 48)
+    real = RealSet("classification", ["a", "b"], torch.cat([images, 255 - images]),
+                   torch.tensor([0] * 47 + [1] * 47), images[:4], torch.tensor([0, 0, 1, 1]))
+    cfg = api.resolve_config(DistillConfig, {"match": {"init": "kmeans", "ipc": 3}}, None)
+    start, labels = api.initial_images(real, cfg)
+    assert labels.tolist() == [0] * 3 + [1] * 3
+    assert sorted((start[:3, 0, 0, 0] * 255).round().div(100).round().tolist()) == [0, 1, 2]  # 20 / 120 / 230
 
 
 def test_fyi_matches_each_image_and_its_mirror():

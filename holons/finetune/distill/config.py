@@ -9,7 +9,7 @@ from holons.errors import ConfigError
 
 DataKind = Literal["auto", "karyotype", "classification"]
 Method = Literal["dm", "gm"]
-Init = Literal["real", "noise"]
+Init = Literal["real", "kmeans", "noise"]
 
 
 @dataclass
@@ -65,7 +65,10 @@ class DistillMatchConfig:
     the class's synthetic images under a freshly initialised ConvNet, every iteration) or ``gm``
     (gradient matching: the cross-entropy gradients of the real and synthetic batch under a fresh
     ConvNet that is trained on real data for ``gm_inner_steps`` between matchings). ``ipc``:
-    synthetic images per class; ``init``: ``real`` (random real images of the class, seeded) or
+    synthetic images per class; ``init``: ``real`` (random real images of the class, seeded),
+    ``kmeans`` (the real images nearest the centres of ``ipc`` k-means clusters of the class's images in
+    pixel space: one typical image of each mode of the class instead of a random draw that repeats some
+    modes and misses others; see :func:`~holons.finetune.distill.api.kmeans_representatives`) or
     ``noise``. ``fyi``: FYI's flip (see :mod:`~holons.finetune.distill.matching`). ``augment``:
     siamese augmentation, the real and synthetic images of a class moved by one random pose per
     iteration (the evaluation's shift and scale, and its mirror policy). ``iterations``
