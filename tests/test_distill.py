@@ -7,12 +7,14 @@ import json
 import os
 import signal
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from holons.cli import main
-from holons.errors import HolonsError
+from holons.errors import ConfigError, HolonsError
 from holons.finetune.distill import api
 from holons.finetune.distill.config import DistillConfig
 from holons.finetune.distill.convnet import ConvNet
@@ -78,6 +80,32 @@ def test_kmeans_init_takes_one_real_image_from_each_mode_of_a_class():
     start, labels = api.initial_images(real, cfg)
     assert labels.tolist() == [0] * 3 + [1] * 3
     assert sorted((start[:3, 0, 0, 0] * 255).round().div(100).round().tolist()) == [0, 1, 2]  # 20 / 120 / 230
+
+
+def test_keep_background_changes_the_object_and_not_the_empty_canvas(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(40, 1, 16, 16, dtype=torch.uint8)  # objects on an empty (0) canvas
+    images[:20, :, 4:12, 6:10] = torch.randint(60, 250, (20, 1, 8, 4), generator=gen, dtype=torch.uint8)
+    images[20:, :, 6:10, 3:13] = torch.randint(60, 250, (20, 1, 4, 10), generator=gen, dtype=torch.uint8)
+    real = RealSet("classification", ["tall", "wide"], images, torch.tensor([0] * 20 + [1] * 20), images[:4],
+                   torch.tensor([0, 0, 1, 1]))
+    tiny = {"net": {"width": 8}, "evaluate": {"seeds": []}, "device": "cpu",
+            "match": {"ipc": 2, "iterations": 10, "real_batch": 8, "lr": 5.0, "checkpoint_every": 100}}
+    kept = {**tiny, "match": {**tiny["match"], "keep_background": True}}
+    for name, cfg in (("free", tiny), ("kept", kept)):
+        cfg = api.resolve_config(DistillConfig, cfg, None)
+        start, _ = api.initial_images(real, cfg)
+        (tmp_path / name).mkdir()
+        result = api.run_distillation(cfg, real, tmp_path / name)
+        table = pd.read_csv(result.manifest)
+        out = torch.stack([torch.from_numpy(np.array(Image.open(result.manifest.parent / q)))
+                           for q in table["path"]])
+        background = start[:, 0] == 0
+        assert out[~background].float().sub(start[:, 0][~background] * 255).abs().mean() > 1  # objects learn
+        painted = (out[background] > 0).float().mean()
+        assert (painted == 0) if name == "kept" else (painted > 0.05)
+    with pytest.raises(ConfigError, match="keep_background"):
+        api.resolve_config(DistillConfig, {"match": {"init": "noise", "keep_background": True}}, None)
 
 
 def test_fyi_matches_each_image_and_its_mirror():

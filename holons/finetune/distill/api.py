@@ -152,8 +152,9 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
     """The matching loop on a loaded real set, then writing and evaluating the distilled set."""
     out, m = Path(out), cfg.match
     device = resolve_device(cfg.device)
-    syn, labels = initial_images(real, cfg)
-    syn = syn.to(device).requires_grad_(True)
+    start_images, labels = initial_images(real, cfg)
+    support = (start_images > 0).float().to(device) if m.keep_background else None
+    syn = start_images.clone().to(device).requires_grad_(True)
     labels = labels.to(device)
     opt = torch.optim.SGD([syn], lr=m.lr, momentum=0.5)
     start = 0
@@ -188,6 +189,8 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
             opt.step()
             with torch.no_grad():
                 syn.clamp_(0.0, 1.0)
+                if support is not None:
+                    syn.mul_(support)
             if m.method == "gm":
                 _train_step(net, x, y)
             if it % LOG_EVERY == 0 or it == m.iterations - 1:
@@ -198,7 +201,7 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
                 _save_checkpoint(out / CHECKPOINT, syn, opt, it + 1)
     _save_checkpoint(out / CHECKPOINT, syn, opt, m.iterations)
     distilled = quantize(syn)
-    change = float((distilled.float() / 255.0 - initial_images(real, cfg)[0]).abs().mean())
+    change = float((distilled.float() / 255.0 - start_images).abs().mean())
     manifest = write_distilled(distilled, labels.cpu(), real.class_names, real.kind, out / DISTILLED_DIR)
     summary = {
         "kind": real.kind, "classes": real.class_names, "ipc": m.ipc, "method": m.method, "fyi": m.fyi,
