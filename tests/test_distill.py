@@ -3,6 +3,7 @@ reader, FYI's mirror enters the matching, DM's loss falls, resume continues exac
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -14,9 +15,9 @@ import torch
 from PIL import Image
 
 from holons.cli import main
-from holons.errors import HolonsError
+from holons.errors import ConfigError, HolonsError
 from holons.finetune.distill import api
-from holons.finetune.distill.config import DistillConfig
+from holons.finetune.distill.config import DistillConfig, DistillExpertConfig, DistillMatchConfig
 from holons.finetune.distill.convnet import ConvNet
 from holons.finetune.distill.data import RealSet
 from holons.finetune.distill.matching import (
@@ -27,6 +28,7 @@ from holons.finetune.distill.matching import (
     mirror_by_halves,
     posed,
 )
+from holons.finetune.distill.trajectory import as_parameters, flat_parameters, trajectory_loss
 from holons.finetune.karyotype.data import KaryotypeDataset, read_crops, read_karyotype_manifest
 from holons.finetune.karyotype.preprocess import Preprocessing
 
@@ -202,6 +204,101 @@ def test_interrupted_run_resumes_exactly(karyotypes, tmp_path, monkeypatch):
     assert torch.equal(whole, torch.load(tmp_path / "cut" / api.CHECKPOINT, weights_only=True)["syn"])
     with pytest.raises(HolonsError, match="config differs"):
         api.distill({**cfg, "net": {"width": 4}}, data=karyotypes, out=tmp_path / "cut", resume=True)
+
+
+def _expert_steps(net: ConvNet, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """The parameters of a copy of ``net`` after ``steps`` plain SGD steps on ``x`` (a stand-in expert)."""
+    net = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return flat_parameters(net)
+
+
+def test_trajectory_matching_moves_the_images_towards_the_expert():
+    torch.manual_seed(0)
+    net = ConvNet(3, size=16, width=8)
+    start = flat_parameters(net)
+    unflattened = as_parameters(start, net).values()
+    assert all(torch.equal(v, p) for v, p in zip(unflattened, net.parameters(), strict=True))
+    real = torch.rand(12, 1, 16, 16) * torch.linspace(0, 1, 16)
+    real_y = torch.arange(3).repeat_interleave(4)
+    target = _expert_steps(net, real, real_y, steps=10, lr=0.1)
+    syn = torch.rand(6, 1, 16, 16, requires_grad=True)
+    syn_y = torch.arange(3).repeat_interleave(2)
+
+    def loss_with(lr: torch.Tensor) -> torch.Tensor:
+        return trajectory_loss(net, syn, syn_y, start, target, lr, steps=3, batch_size=4,
+                               generator=torch.Generator().manual_seed(0), hflip=True)
+
+    # no step at all leaves the parameters at the start: the normalised distance is exactly 1
+    assert loss_with(torch.tensor(0.0)).item() == pytest.approx(1.0)
+    syn_lr = torch.tensor(0.1, requires_grad=True)
+    opt = torch.optim.SGD([syn], lr=100.0)
+    losses = []
+    for _ in range(20):
+        loss = loss_with(syn_lr)
+        opt.zero_grad()
+        loss.backward()
+        assert syn_lr.grad is not None and torch.isfinite(syn_lr.grad)
+        opt.step()
+        with torch.no_grad():
+            syn.clamp_(0, 1)
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_trajectory_matching_run_resumes_exactly(karyotypes, tmp_path, monkeypatch):
+    cfg = {**TINY, "match": {**TINY["match"], "iterations": 4, "method": "mtt", "lr": 100.0,
+                             "mtt_syn_steps": 2, "mtt_batch": 8, "mtt_max_start": 1, "mtt_span": 1},
+           "experts": {"count": 2, "epochs": 2, "batch_size": 16}, "evaluate": {"seeds": []}}
+    whole = api.distill(cfg, data=karyotypes, out=tmp_path / "whole", progress=False)
+    assert (tmp_path / "whole" / api.EXPERTS_FILE).is_file() and whole.summary["syn_lr"] > 0
+    assert len(torch.load(tmp_path / "whole" / api.EXPERTS_FILE, weights_only=True)["trajectories"]) == 2
+    assert whole.summary["mean_abs_change_from_init"] > 0
+    real_loss, calls = api._trajectory_loss, []
+
+    def stop_at_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(api, "_trajectory_loss", stop_at_two)
+    with pytest.raises(api.DistillInterrupted):
+        api.distill(cfg, data=karyotypes, out=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(api, "_trajectory_loss", real_loss)
+    api.distill(cfg, data=karyotypes, out=tmp_path / "cut", resume=True, progress=False)
+    a = torch.load(tmp_path / "whole" / api.CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "cut" / api.CHECKPOINT, weights_only=True)
+    assert torch.equal(a["syn"], b["syn"]) and a["syn_lr"] == b["syn_lr"]
+
+
+def test_evaluation_can_score_the_validation_cells_instead_of_the_test_cells(tmp_path):
+    from holons.data.synthetic.karyotypes import generate_karyotypes
+
+    karyotypes = generate_karyotypes(tmp_path / "kt", cases=8, seed=1, abnormal_rate=0.0, workers=1,
+                                     progress=False)
+    cfg = {**TINY, "data": {**TINY["data"], "test_fraction": 0.25, "val_fraction": 0.25},
+           "match": {**TINY["match"], "iterations": 0}}
+    on_test = api.distill(cfg, data=karyotypes, out=tmp_path / "test", progress=False).summary
+    on_val = api.distill({**cfg, "data": {**cfg["data"], "eval_split": "val"}}, data=karyotypes,
+                         out=tmp_path / "val", progress=False).summary
+    assert on_val["real_set"]["eval_split"] == "val" and on_test["real_set"]["eval_split"] == "test"
+    assert on_val["test_images"] == on_val["real_set"]["val_chromosomes"] > 0
+    assert on_val["train_images"] == on_test["train_images"]  # the same training cells either way
+    with pytest.raises(HolonsError, match="no validation split"):
+        csv = tmp_path / "set.csv"
+        csv.write_text("path,label\na.png,x\n")
+        api.distill({**TINY, "data": {"eval_split": "val"}}, data=csv, out=tmp_path / "csv", progress=False)
+
+
+def test_trajectory_matching_needs_experts_long_enough():
+    with pytest.raises(ConfigError, match="experts.epochs"):
+        DistillConfig(match=DistillMatchConfig(method="mtt", mtt_max_start=4, mtt_span=2),
+                      experts=DistillExpertConfig(epochs=5))
 
 
 def test_cli_distills_radiograph_findings_to_a_path_label_manifest(tmp_path, capsys):

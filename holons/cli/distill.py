@@ -1,4 +1,4 @@
-"""`holons distill`: dataset distillation (distribution / gradient matching, FYI's flip)."""
+"""`holons distill`: dataset distillation (distribution / gradient / trajectory matching, FYI's flip)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ from pathlib import Path
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil a labelled set into a few synthetic images per class "
-                       "(distribution or gradient matching, optional FYI flip), then evaluate them")
+                       "(distribution, gradient or trajectory matching, optional FYI flip), then evaluate "
+                       "them")
     p.add_argument("--data", type=Path, required=True,
                    help="karyotype manifest CSV (pki-3, synthetic karyotypes), a radiograph set folder with "
                    "image_table.csv (phantoms, JSRT) or a path,label CSV")
     p.add_argument("--out", type=Path, required=True,
                    help="run folder (distilled/ PNGs + manifest.csv, distill.json, checkpoints/)")
     p.add_argument("--config", type=Path, default=None,
-                   help="YAML config (keys: data, net, match, evaluate)")
+                   help="YAML config (keys: data, net, match, experts, evaluate)")
     p.add_argument("--ipc", type=int, default=None,
                    help="synthetic images per class (match.ipc; e.g. 1, 10, 50)")
     p.add_argument("--iterations", type=int, default=None, help="matching iterations (match.iterations)")
-    p.add_argument("--method", choices=["dm", "gm"], default=None,
-                   help="dm: distribution matching (default), gm: gradient matching (match.method)")
+    p.add_argument("--method", choices=["dm", "gm", "mtt"], default=None,
+                   help="dm: distribution matching (default), gm: gradient matching, mtt: matching the "
+                   "training trajectories of expert networks (match.method)")
     p.add_argument("--fyi", action="store_true",
                    help="FYI's flip: each image is also matched mirrored (match.fyi)")
     p.add_argument("--eval-seeds", type=int, nargs="*", default=None,

@@ -32,13 +32,15 @@ from holons.finetune.distill.config import DistillConfig
 from holons.finetune.distill.convnet import ConvNet
 from holons.finetune.distill.data import RealSet, load_real_set, quantize, write_distilled
 from holons.finetune.distill.evaluate import SCALE, SHIFT, evaluate_arms, mirrors
-from holons.finetune.distill.matching import class_poses, dm_loss, gm_loss
+from holons.finetune.distill.matching import class_poses, dm_loss, gm_loss, matching_views
+from holons.finetune.distill.trajectory import train_expert, trajectory_loss
 from holons.runs import prepare_run, resolve_device
 from holons.signals import StopSignal
 
 CHECKPOINT = Path("checkpoints") / "distill.pt"
 DISTILLED_DIR = "distilled"
 SUMMARY_FILE = "distill.json"
+EXPERTS_FILE = "experts.pt"
 LOG_EVERY = 10
 
 
@@ -152,54 +154,75 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
     """The matching loop on a loaded real set, then writing and evaluating the distilled set."""
     out, m = Path(out), cfg.match
     device = resolve_device(cfg.device)
+    hflip = mirrors(cfg, real)
+    t0 = time.perf_counter()
+    experts = _expert_trajectories(cfg, real, out, device, hflip, progress) if m.method == "mtt" else None
     start_images, labels = initial_images(real, cfg)
     support = (start_images > 0).float().to(device) if m.keep_background else None
     syn = start_images.clone().to(device).requires_grad_(True)
     labels = labels.to(device)
     opt = torch.optim.SGD([syn], lr=m.lr, momentum=0.5)
+    syn_lr = torch.tensor(float(cfg.experts.lr), device=device, requires_grad=True)
+    lr_opt = torch.optim.SGD([syn_lr], lr=m.mtt_lr_lr, momentum=0.5)
     start = 0
     if resume and (out / CHECKPOINT).is_file():
         state = _load_checkpoint(out / CHECKPOINT)
         with torch.no_grad():
             syn.copy_(state["syn"])
+            syn_lr.fill_(float(state.get("syn_lr", cfg.experts.lr)))
         opt.load_state_dict(state["optimizer"])
+        if "lr_optimizer" in state:
+            lr_opt.load_state_dict(state["lr_optimizer"])
         start = int(state["iteration"])
         _truncate_log(out / "metrics.jsonl", start)
     loss_fn = dm_loss if m.method == "dm" else gm_loss
     net = _gm_net_at(cfg, real, device, start) if m.method == "gm" and start % m.gm_inner_steps else None
-    t0 = time.perf_counter()
+
+    def save(iteration: int) -> None:
+        _save_checkpoint(out / CHECKPOINT, syn, opt, iteration, syn_lr=syn_lr, lr_opt=lr_opt)
+
     with StopSignal() as stop, open(out / "metrics.jsonl", "a") as log:
         bar = tqdm(range(start, m.iterations), desc=f"distill ({m.method}{', fyi' if m.fyi else ''})",
                    initial=start, total=m.iterations, disable=not progress)
         for it in bar:
             if stop.requested:
-                _save_checkpoint(out / CHECKPOINT, syn, opt, it)
+                save(it)
                 raise DistillInterrupted(stop.signum or 15, it, out / CHECKPOINT)
             torch.manual_seed(_iteration_seed(m.seed, it))
             gen = torch.Generator().manual_seed(_iteration_seed(m.seed, it) + 1)
-            if m.method == "dm" or net is None or it % m.gm_inner_steps == 0:
+            if m.method == "dm" or net is None or (m.method == "gm" and it % m.gm_inner_steps == 0):
                 net = _fresh_net(cfg, real, device, it)
-            x, y = real_batch(real, m.real_batch, gen)
-            x, y = x.to(device), y.to(device)
-            poses = class_poses(real.num_classes, gen, translate=SHIFT, scale=SCALE,
-                                flip=mirrors(cfg, real)) if m.augment else None
-            loss = loss_fn(net, x, y, syn, labels, real.num_classes, fyi=m.fyi, poses=poses)
+            if m.method == "mtt":
+                loss = _trajectory_loss(cfg, net, experts, syn, labels, syn_lr, gen, hflip)
+            else:
+                x, y = real_batch(real, m.real_batch, gen)
+                x, y = x.to(device), y.to(device)
+                poses = class_poses(real.num_classes, gen, translate=SHIFT, scale=SCALE,
+                                    flip=hflip) if m.augment else None
+                loss = loss_fn(net, x, y, syn, labels, real.num_classes, fyi=m.fyi, poses=poses)
             opt.zero_grad(set_to_none=True)
+            lr_opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if m.method == "mtt":
+                lr_opt.step()
             with torch.no_grad():
                 syn.clamp_(0.0, 1.0)
+                syn_lr.clamp_(min=1e-6)
                 if support is not None:
                     syn.mul_(support)
             if m.method == "gm":
                 _train_step(net, x, y)
             if it % LOG_EVERY == 0 or it == m.iterations - 1:
-                log.write(json.dumps({"iteration": it, "loss": loss.item()}) + "\n")
+                record = {"iteration": it, "loss": loss.item()}
+                if m.method == "mtt":
+                    record["syn_lr"] = syn_lr.item()
+                log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{loss.item():.4g}")
             if (it + 1) % m.checkpoint_every == 0:
-                _save_checkpoint(out / CHECKPOINT, syn, opt, it + 1)
-    _save_checkpoint(out / CHECKPOINT, syn, opt, m.iterations)
+                save(it + 1)
+    save(m.iterations)
     distilled = quantize(syn)
     change = float((distilled.float() / 255.0 - start_images).abs().mean())
     manifest = write_distilled(distilled, labels.cpu(), real.class_names, real.kind, out / DISTILLED_DIR)
@@ -210,10 +233,39 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
         "real_set": real.info, "loss": _loss_summary(out / "metrics.jsonl"),
         "distill_seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg),
     }
+    if m.method == "mtt":
+        summary["syn_lr"] = syn_lr.item()
     if cfg.evaluate.seeds:
         summary["evaluation"] = evaluate_arms(real, distilled, labels.cpu(), cfg, device, progress=progress)
     _write_summary(out, summary)
     return DistillResult(out=out, manifest=manifest, summary=summary)
+
+
+def _expert_trajectories(cfg: DistillConfig, real: RealSet, out: Path, device: torch.device, hflip: bool,
+                         progress: bool) -> list[torch.Tensor]:
+    """Trajectory matching's experts (:func:`~holons.finetune.distill.trajectory.train_expert`), seeded
+    from ``match.seed``; trained once and kept in ``out/experts.pt``."""
+    path = out / EXPERTS_FILE
+    if path.is_file():
+        return _load_checkpoint(path)["trajectories"]
+    trajectories = [train_expert(real, cfg, seed=_iteration_seed(cfg.match.seed, -1 - k), hflip=hflip,
+                                 device=device, progress=progress) for k in range(cfg.experts.count)]
+    with atomic_write(path, "wb") as f:
+        torch.save({"trajectories": trajectories}, f)
+    return trajectories
+
+
+def _trajectory_loss(cfg: DistillConfig, net: ConvNet, experts: list[torch.Tensor], syn: torch.Tensor,
+                     labels: torch.Tensor, syn_lr: torch.Tensor, gen: torch.Generator,
+                     hflip: bool) -> torch.Tensor:
+    """One trajectory-matching loss: a random expert, a random start epoch, the synthetic views."""
+    m = cfg.match
+    expert = experts[int(torch.randint(len(experts), (1,), generator=gen))]
+    t = int(torch.randint(m.mtt_max_start, (1,), generator=gen))
+    views, view_labels = matching_views(syn, labels, m.fyi)
+    start, target = expert[t].to(syn.device), expert[t + m.mtt_span].to(syn.device)
+    return trajectory_loss(net, views, view_labels, start, target, syn_lr, steps=m.mtt_syn_steps,
+                           batch_size=m.mtt_batch or len(views), generator=gen, hflip=hflip)
 
 
 def _fresh_net(cfg: DistillConfig, real: RealSet, device: torch.device, iteration: int) -> ConvNet:
@@ -250,8 +302,10 @@ def _train_step(net: ConvNet, x: torch.Tensor, y: torch.Tensor, lr: float = 0.01
                 p.sub_(lr * p.grad)
 
 
-def _save_checkpoint(path: Path, syn: torch.Tensor, opt: torch.optim.Optimizer, iteration: int) -> None:
+def _save_checkpoint(path: Path, syn: torch.Tensor, opt: torch.optim.Optimizer, iteration: int, *,
+                     syn_lr: torch.Tensor, lr_opt: torch.optim.Optimizer) -> None:
     state = {"syn": syn.detach().cpu(), "optimizer": opt.state_dict(), "iteration": int(iteration),
+             "syn_lr": float(syn_lr.item()), "lr_optimizer": lr_opt.state_dict(),
              "torch": str(torch.__version__)}
     with atomic_write(path, "wb") as f:
         torch.save(state, f)

@@ -90,25 +90,32 @@ def _karyotype_set(cfg: DistillDataConfig, manifest: str | Path, progress: bool)
         stain=cfg.stain, canvas=cfg.canvas, input_size=cfg.size, test_fraction=cfg.test_fraction,
         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, max_train_cases=cfg.max_train_cases))
     prepared = prepare_data(kcfg, manifest, progress=progress)
+    scored = prepared.val if cfg.eval_split == "val" else prepared.test
+    if len(scored) == 0:
+        raise HolonsError(f"{manifest}: the {cfg.eval_split} split is empty (data.val_fraction / "
+                          "data.test_fraction)")
     info = {"preprocessing": prepared.preprocessing.to_json(), "skipped": prepared.skipped,
-            "val_chromosomes": len(prepared.val)}
+            "val_chromosomes": len(prepared.val), "eval_split": cfg.eval_split}
     return RealSet(KARYOTYPE, list(CLASS_NAMES), prepared.train.images, prepared.train.labels,
-                   prepared.test.images, prepared.test.labels, info)
+                   scored.images, scored.labels, info)
 
 
 def _first(columns, names) -> str | None:
     return next((c for c in names if c in columns), None)
 
 
-def _table_rows(root: Path, label: str) -> pd.DataFrame:
-    """``file, label, split, group`` of an ``image_table.csv`` set."""
+def _table_rows(root: Path, label: str, eval_split: str = "test") -> pd.DataFrame:
+    """``file, label, split, group`` of an ``image_table.csv`` set; the scored rows: ``test``, else
+    ``val`` (``eval_split=val``: ``val`` only)."""
     t = pd.read_csv(root / "image_table.csv", dtype=str, keep_default_na=False)
     label_col = label or _first(t.columns, LABEL_COLUMNS)
     id_col, split_col = _first(t.columns, ("image", "id")), _first(t.columns, ("split", "hybridgnet_split"))
     if not label_col or label_col not in t.columns or id_col is None or split_col is None:
         raise HolonsError(f"{root / 'image_table.csv'} needs an image id, a split and a label column "
                           f"({label or ' or '.join(LABEL_COLUMNS)})")
-    test = "test" if (t[split_col] == "test").any() else "val"
+    test = "test" if eval_split == "test" and (t[split_col] == "test").any() else "val"
+    if not (t[split_col] == test).any():
+        raise HolonsError(f"{root / 'image_table.csv'} has no '{test}' rows to evaluate on")
     t = t[t[split_col].isin(["train", test])]
     folders = [root / d for d in ("images_1024", "images") if (root / d).is_dir()]
 
@@ -145,8 +152,11 @@ def _manifest_rows(manifest: Path, cfg: DistillDataConfig) -> pd.DataFrame:
 
 def _classification_set(cfg: DistillDataConfig, data: Path, progress: bool) -> RealSet:
     if data.is_dir() and (data / "image_table.csv").is_file():
-        rows = _table_rows(data, cfg.label)
+        rows = _table_rows(data, cfg.label, cfg.eval_split)
     elif data.is_file():
+        if cfg.eval_split == "val":
+            raise HolonsError(f"{data}: a path,label CSV has no validation split; data.eval_split=val "
+                              "needs a karyotype manifest or an image_table.csv set")
         rows = _manifest_rows(data, cfg)
     else:
         raise HolonsError(f"{data} is neither a set folder with image_table.csv nor a path,label CSV")

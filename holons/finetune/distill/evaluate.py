@@ -24,6 +24,16 @@ from holons.finetune.karyotype.data import random_affine
 SHIFT, SCALE = 0.125, 0.1
 
 
+def augment(images: torch.Tensor, generator: torch.Generator, *, hflip: bool) -> torch.Tensor:
+    """The training augmentation (module docstring), differentiable in ``images``: a random shift and
+    scale, then a mirror with p = 1/2 when ``hflip``."""
+    out = random_affine(images, generator, translate=SHIFT, scale=SCALE)
+    if hflip:
+        flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out
+
+
 def random_real_subset(real: RealSet, per_class: int, seed: int) -> torch.Tensor:
     """Indices of ``per_class`` random training images of every class (all of a smaller class)."""
     gen = torch.Generator().manual_seed(int(seed))
@@ -55,11 +65,7 @@ def train_convnet(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Disti
     net.train()
     for _ in range(e.steps):
         idx = torch.randperm(len(x), generator=gen)[:e.batch_size]
-        batch = x[idx].float() / 255.0
-        batch = random_affine(batch, gen, translate=SHIFT, scale=SCALE)
-        if hflip:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        batch = augment(x[idx].float() / 255.0, gen, hflip=hflip)
         loss = F.cross_entropy(net(batch.to(device)), y[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
