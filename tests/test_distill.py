@@ -274,6 +274,10 @@ def test_trajectory_matching_run_resumes_exactly(karyotypes, tmp_path, monkeypat
     a = torch.load(tmp_path / "whole" / api.CHECKPOINT, weights_only=True)
     b = torch.load(tmp_path / "cut" / api.CHECKPOINT, weights_only=True)
     assert torch.equal(a["syn"], b["syn"]) and a["syn_lr"] == b["syn_lr"]
+    # a finished run with its experts starts over with --overwrite, the experts trained anew
+    cfg["experts"] = {**cfg["experts"], "count": 1}
+    api.distill(cfg, data=karyotypes, out=tmp_path / "whole", overwrite=True, progress=False)
+    assert len(torch.load(tmp_path / "whole" / api.EXPERTS_FILE, weights_only=True)["trajectories"]) == 1
 
 
 def test_evaluation_can_score_the_validation_cells_instead_of_the_test_cells(tmp_path):

@@ -75,7 +75,8 @@ def distill(config: DistillConfig | str | Path | dict | None = None, *, data: st
     on SIGTERM / SIGINT."""
     cfg = resolve_config(DistillConfig, config, overrides)
     out = Path(out)
-    prepare_run(out, resume=resume, overwrite=overwrite, results=("distilled", "distill.json"))
+    prepare_run(out, resume=resume, overwrite=overwrite, leftovers=(EXPERTS_FILE,),
+                results=(DISTILLED_DIR, SUMMARY_FILE))
     saved = out / "config.yaml"
     if resume and saved.is_file():
         before = resolve_config(DistillConfig, saved)
