@@ -162,25 +162,27 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
     support = (start_images > 0).float().to(device) if m.keep_background else None
     syn = start_images.clone().to(device).requires_grad_(True)
     labels = labels.to(device)
-    opt = torch.optim.SGD([syn], lr=m.lr, momentum=0.5)
-    syn_lr = torch.tensor(float(cfg.experts.lr), device=device, requires_grad=True)
-    lr_opt = torch.optim.SGD([syn_lr], lr=m.mtt_lr_lr, momentum=0.5)
+    groups = [{"params": [syn]}]
+    syn_lr = None  # trajectory matching's learned step size, one more parameter of the same optimizer
+    if m.method == "mtt":
+        syn_lr = torch.tensor(float(cfg.experts.lr), device=device, requires_grad=True)
+        groups.append({"params": [syn_lr], "lr": m.mtt_lr_lr})
+    opt = torch.optim.SGD(groups, lr=m.lr, momentum=0.5)
     start = 0
     if resume and (out / CHECKPOINT).is_file():
         state = _load_checkpoint(out / CHECKPOINT)
         with torch.no_grad():
             syn.copy_(state["syn"])
-            syn_lr.fill_(float(state.get("syn_lr", cfg.experts.lr)))
+            if syn_lr is not None:
+                syn_lr.fill_(float(state["syn_lr"]))
         opt.load_state_dict(state["optimizer"])
-        if "lr_optimizer" in state:
-            lr_opt.load_state_dict(state["lr_optimizer"])
         start = int(state["iteration"])
         _truncate_log(out / "metrics.jsonl", start)
     loss_fn = dm_loss if m.method == "dm" else gm_loss
     net = _gm_net_at(cfg, real, device, start) if m.method == "gm" and start % m.gm_inner_steps else None
 
     def save(iteration: int) -> None:
-        _save_checkpoint(out / CHECKPOINT, syn, opt, iteration, syn_lr=syn_lr, lr_opt=lr_opt)
+        _save_checkpoint(out / CHECKPOINT, syn, opt, iteration, syn_lr=syn_lr)
 
     with StopSignal() as stop, open(out / "metrics.jsonl", "a") as log:
         bar = tqdm(range(start, m.iterations), desc=f"distill ({m.method}{', fyi' if m.fyi else ''})",
@@ -202,21 +204,19 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
                                     flip=hflip) if m.augment else None
                 loss = loss_fn(net, x, y, syn, labels, real.num_classes, fyi=m.fyi, poses=poses)
             opt.zero_grad(set_to_none=True)
-            lr_opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if m.method == "mtt":
-                lr_opt.step()
             with torch.no_grad():
                 syn.clamp_(0.0, 1.0)
-                syn_lr.clamp_(min=1e-6)
+                if syn_lr is not None:
+                    syn_lr.clamp_(min=1e-6)
                 if support is not None:
                     syn.mul_(support)
             if m.method == "gm":
                 _train_step(net, x, y)
             if it % LOG_EVERY == 0 or it == m.iterations - 1:
                 record = {"iteration": it, "loss": loss.item()}
-                if m.method == "mtt":
+                if syn_lr is not None:
                     record["syn_lr"] = syn_lr.item()
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -234,7 +234,7 @@ def run_distillation(cfg: DistillConfig, real: RealSet, out: str | Path, *, resu
         "real_set": real.info, "loss": _loss_summary(out / "metrics.jsonl"),
         "distill_seconds": round(time.perf_counter() - t0, 1), "config": to_dict(cfg),
     }
-    if m.method == "mtt":
+    if syn_lr is not None:
         summary["syn_lr"] = syn_lr.item()
     if cfg.evaluate.seeds:
         summary["evaluation"] = evaluate_arms(real, distilled, labels.cpu(), cfg, device, progress=progress)
@@ -304,10 +304,11 @@ def _train_step(net: ConvNet, x: torch.Tensor, y: torch.Tensor, lr: float = 0.01
 
 
 def _save_checkpoint(path: Path, syn: torch.Tensor, opt: torch.optim.Optimizer, iteration: int, *,
-                     syn_lr: torch.Tensor, lr_opt: torch.optim.Optimizer) -> None:
+                     syn_lr: torch.Tensor | None = None) -> None:
     state = {"syn": syn.detach().cpu(), "optimizer": opt.state_dict(), "iteration": int(iteration),
-             "syn_lr": float(syn_lr.item()), "lr_optimizer": lr_opt.state_dict(),
              "torch": str(torch.__version__)}
+    if syn_lr is not None:
+        state["syn_lr"] = float(syn_lr.item())
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
 
